@@ -1,0 +1,93 @@
+"""Batch collators that read slides lazily, at collate time.
+
+Datasets hold only paths and texts; each batch opens its H5 files (inside DataLoader workers when
+``num_workers > 0``), reads only the sampled rows and closes them again. No handle is kept open across calls,
+so workers forked from the main process never share an HDF5 handle, and memory stays flat as the dataset grows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .processing_wsi import WSIProcessor
+
+
+def stable_id(value: Any) -> int:
+    """A process-independent int64 id of a string (Python's ``hash`` is salted per process)."""
+    digest = hashlib.blake2b(str(value).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+@dataclass
+class _SlideBatcher:
+    processor: WSIProcessor
+    max_tiles: int | None = None
+    tile_sampling: str | None = None
+
+    def _slides(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        slides = [self.processor.load_slide(row["h5_path"], max_tiles=self.max_tiles,
+                                            tile_sampling=self.tile_sampling) for row in rows]
+        return self.processor.pad_slides(slides)
+
+
+@dataclass
+class ContrastiveCollator(_SlideBatcher):
+    """Rows ``{h5_path, caption, case_id}`` → slides, tokenised captions and ids for multi-positive losses.
+
+    Returns ``tile_features [B, N, D]``, ``tile_coords [B, N, 2]``, ``tile_mask [B, N]``, ``input_ids`` /
+    ``attention_mask [B, T]``, ``case_ids [B]`` (int64, equal for slides of one case on every rank) and
+    ``text_ids [B]`` (int64 hash of the caption, so identical texts can be treated as positives).
+    """
+
+    text_max_length: int | None = None
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self._slides(rows)
+        captions = [str(row["caption"]) for row in rows]
+        batch.update(self.processor(text=captions, padding=True, truncation=True,
+                                    max_length=self.text_max_length).data)
+        batch["case_ids"] = torch.tensor([stable_id(row.get("case_id") or row.get("slide_id") or row["h5_path"])
+                                          for row in rows], dtype=torch.long)
+        batch["text_ids"] = torch.tensor([stable_id(c) for c in captions], dtype=torch.long)
+        return batch
+
+
+@dataclass
+class InstructionCollator(_SlideBatcher):
+    """Rows ``{h5_path, conversations | question+answer}`` → slides + prompt tokens + labels.
+
+    Labels are -100 on every prompt token (system/user turns, template text, the slide placeholder) and on
+    padding; only assistant replies are trained. Right padding (training); generation pads left itself.
+    """
+
+    max_length: int | None = None
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self._slides(rows)
+        examples = []
+        for row in rows:
+            conversation = row.get("conversations") or [
+                {"role": "user", "content": str(row["question"])},
+                {"role": "assistant", "content": str(row["answer"])}]
+            source = f"{row.get('h5_path', '?')} (annotation row {row.get('row', '?')})"
+            examples.append(self.processor.build_instruction_example(conversation, self.max_length, source))
+        tokenizer = self.processor.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        length = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)  # [B, T]
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)  # [B, T]
+        attention = torch.zeros((len(rows), length), dtype=torch.long)  # [B, T]
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            input_ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = torch.tensor(e["labels"])
+            attention[i, :n] = 1
+        batch.update(input_ids=input_ids, attention_mask=attention, labels=labels)
+        return batch
+
+
+__all__ = ["ContrastiveCollator", "InstructionCollator", "stable_id"]

@@ -1,0 +1,306 @@
+"""``WSIProcessor``: slides (tile-feature bags) + text → model-ready ``BatchFeature``.
+
+Hub-shipped (copied next to checkpoints by ``save_pretrained``): imports only stdlib, numpy, torch,
+transformers and sibling modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .errors import PromptError, SlideFormatError
+from .slide_io import (TILE_SAMPLING_STRATEGIES, SlideFeatures, read_slide, sample_tile_indices, spatial_order,
+                       validate_coords)
+
+logger = logging.getLogger(__name__)
+
+SlideInput = Union[str, "os.PathLike[str]", SlideFeatures, torch.Tensor, tuple, dict]
+
+# Used when the tokenizer has no chat template. Plain, model-agnostic, and prefix-stable (each turn only appends).
+DEFAULT_USER_TEMPLATE = "USER: {content}\nASSISTANT:"
+DEFAULT_ASSISTANT_TEMPLATE = " {content}{eos}\n"
+
+
+class WSIProcessor(ProcessorMixin):
+    """Tokenizer + slide options for WSI-CLIP and WSI-LLaVA.
+
+    ``processor(slides=..., text=...)`` returns ``tile_features [B, Nmax, D]`` (float32), ``tile_coords
+    [B, Nmax, 2]`` (int64, (x, y) level-0 pixels), ``tile_mask [B, Nmax]`` (True = real tile; padding is
+    zeros with mask False), and ``input_ids`` / ``attention_mask`` for the texts.
+
+    Args:
+        tokenizer: any Hugging Face tokenizer (may be ``None`` for slide-only use).
+        max_tiles: tile cap per slide (``None``: no cap).
+        tile_sampling: ``"uniform"`` (deterministic, evaluation), ``"random"`` (training) or ``"all"``.
+        feature_dim: expected tile feature dimension; slides with another D are refused with a clear error.
+        tile_size: level-0 tile stride used only to lay out bare feature tensors given without coordinates.
+        slide_token: the placeholder string standing for the slide's visual tokens in WSI-LLaVA prompts.
+        max_length: default token limit for texts / instruction examples.
+    """
+
+    tokenizer_class = "AutoTokenizer"
+
+    def __init__(self, tokenizer=None, max_tiles: int | None = 4096, tile_sampling: str = "uniform",
+                 feature_dim: int | None = None, tile_size: int = 256, slide_token: str = "<slide>",
+                 max_length: int | None = None, chat_template: str | None = None, **kwargs):
+        if tile_sampling not in TILE_SAMPLING_STRATEGIES:
+            raise ValueError(f"tile_sampling={tile_sampling!r} is not one of {TILE_SAMPLING_STRATEGIES}.")
+        self.max_tiles = max_tiles
+        self.tile_sampling = tile_sampling
+        self.feature_dim = feature_dim
+        self.tile_size = tile_size
+        self.slide_token = slide_token
+        self.max_length = max_length
+        super().__init__(tokenizer, chat_template=chat_template, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------ slides
+    def load_slide(self, slide: SlideInput, *, max_tiles: int | None = None, tile_sampling: str | None = None,
+                   seed: int | None = None, coords: torch.Tensor | np.ndarray | None = None) -> SlideFeatures:
+        """Any accepted slide input → validated, spatially ordered, sampled :class:`SlideFeatures`.
+
+        Accepts an H5 path, a ``SlideFeatures``, a ``(features, coords)`` tuple, a ``{"features", "coords"}``
+        dict, or a bare ``[N, D]`` tensor (with ``coords=`` or, without, laid out row-major on a square grid of
+        stride ``tile_size`` — fine for position-free towers, meaningless for LongNet).
+        """
+        cap = self.max_tiles if max_tiles is None else max_tiles
+        strategy = tile_sampling or self.tile_sampling
+        if isinstance(slide, (str,)) or hasattr(slide, "__fspath__"):
+            result = read_slide(slide, max_tiles=cap, tile_sampling=strategy, seed=seed)
+        else:
+            result = self._in_memory_slide(slide, coords)
+            keep = sample_tile_indices(result.num_tiles, cap, strategy, seed)
+            if keep.size != result.num_tiles:
+                result = result.select(keep)
+        if self.feature_dim is not None and result.feature_dim != self.feature_dim:
+            raise SlideFormatError(f"{result.path or 'in-memory slide'}: tile features have dimension "
+                                   f"{result.feature_dim} but this processor / model expects {self.feature_dim}. "
+                                   "Use features from the tile encoder the model was trained on (e.g. 1536-d "
+                                   "Prov-GigaPath) or a model configured for this dimension.")
+        return result
+
+    def _in_memory_slide(self, slide: Any, coords: Any) -> SlideFeatures:
+        if isinstance(slide, SlideFeatures):
+            features, xy, patch, path = slide.features, slide.coords, slide.patch_size_level0, slide.path
+        else:
+            if isinstance(slide, dict):
+                features, xy = slide.get("features"), slide.get("coords", coords)
+            elif isinstance(slide, (tuple, list)) and len(slide) == 2:
+                features, xy = slide
+            else:
+                features, xy = slide, coords
+            features = torch.as_tensor(features)
+            patch, path = None, None
+            if xy is None:
+                if features.ndim != 2:
+                    raise SlideFormatError(f"in-memory slide: features must be [N, D], got {tuple(features.shape)}.")
+                side = max(1, math.ceil(math.sqrt(features.shape[0])))
+                grid = torch.arange(features.shape[0])
+                xy = torch.stack([grid % side, grid // side], dim=1) * self.tile_size  # [N, 2] (x, y)
+        features = torch.as_tensor(features)
+        xy = torch.as_tensor(xy)
+        source = path or "in-memory slide"
+        if features.ndim != 2 or features.shape[0] == 0:
+            raise SlideFormatError(f"{source}: features must be a non-empty [N, D] tensor, got {tuple(features.shape)}.")
+        if xy.ndim != 2 or xy.shape[1] != 2 or xy.shape[0] != features.shape[0]:
+            raise SlideFormatError(f"{source}: coords must be [N, 2] with N = {features.shape[0]} (features rows), "
+                                   f"got {tuple(xy.shape)}.")
+        if xy.dtype == torch.float16:
+            raise SlideFormatError(f"{source}: float16 coordinates lose precision above 2048 px; pass int64.")
+        if not torch.isfinite(features.float()).all():
+            raise SlideFormatError(f"{source}: features contain NaN/Inf values.")
+        xy = torch.floor(xy).long() if xy.is_floating_point() else xy.long()
+        validate_coords(xy.cpu().numpy(), source)
+        order = torch.from_numpy(spatial_order(xy.cpu().numpy()))
+        return SlideFeatures(features.float()[order], xy[order], patch, path, "memory")
+
+    @staticmethod
+    def pad_slides(slides: Sequence[SlideFeatures]) -> dict[str, torch.Tensor]:
+        """Right-pad ragged slides into ``tile_features [B, Nmax, D]``, ``tile_coords``, ``tile_mask``."""
+        if not slides:
+            raise ValueError("pad_slides needs at least one slide.")
+        dims = {s.feature_dim for s in slides}
+        if len(dims) > 1:
+            raise SlideFormatError(f"slides in one batch have different feature dimensions {sorted(dims)}: "
+                                   + ", ".join(f"{s.path or 'in-memory'}: {s.feature_dim}" for s in slides))
+        n_max = max(s.num_tiles for s in slides)
+        batch, dim = len(slides), dims.pop()
+        features = torch.zeros(batch, n_max, dim, dtype=torch.float32)  # [B, Nmax, D]
+        coords = torch.zeros(batch, n_max, 2, dtype=torch.long)  # [B, Nmax, 2]
+        mask = torch.zeros(batch, n_max, dtype=torch.bool)  # [B, Nmax]
+        for i, s in enumerate(slides):
+            n = s.num_tiles
+            features[i, :n] = s.features
+            coords[i, :n] = s.coords
+            mask[i, :n] = True
+        return {"tile_features": features, "tile_coords": coords, "tile_mask": mask}
+
+    # ------------------------------------------------------------------------------------------------- text
+    def _require_tokenizer(self):
+        if getattr(self, "tokenizer", None) is None:
+            raise ValueError("This WSIProcessor has no tokenizer; build it with WSIProcessor(tokenizer=...).")
+        return self.tokenizer
+
+    def __call__(self, slides: SlideInput | Sequence[SlideInput] | None = None,
+                 text: str | Sequence[str] | None = None, *, coords: Sequence[Any] | None = None,
+                 max_tiles: int | None = None, tile_sampling: str | None = None, seed: int | None = None,
+                 padding: bool | str = True, truncation: bool = True, max_length: int | None = None,
+                 return_tensors: str = "pt", **text_kwargs) -> BatchFeature:
+        """Process a batch of slides and/or texts (a single slide or string is treated as a batch of one)."""
+        if slides is None and text is None:
+            raise ValueError("WSIProcessor needs `slides`, `text` or both.")
+        data: dict[str, Any] = {}
+        if slides is not None:
+            single = isinstance(slides, (str, SlideFeatures, dict)) or hasattr(slides, "__fspath__") or (
+                isinstance(slides, torch.Tensor) and slides.ndim == 2)
+            slide_list = [slides] if single else list(slides)
+            coord_list = list(coords) if coords is not None else [None] * len(slide_list)
+            if len(coord_list) != len(slide_list):
+                raise ValueError(f"got {len(slide_list)} slides but {len(coord_list)} coords.")
+            loaded = [self.load_slide(s, max_tiles=max_tiles, tile_sampling=tile_sampling,
+                                      seed=None if seed is None else seed + i, coords=c)
+                      for i, (s, c) in enumerate(zip(slide_list, coord_list))]
+            data.update(self.pad_slides(loaded))
+        if text is not None:
+            tokenizer = self._require_tokenizer()
+            texts = [text] if isinstance(text, str) else list(text)
+            encoded = tokenizer(texts, padding=padding, truncation=truncation,
+                                max_length=max_length or self.max_length, return_tensors=return_tensors,
+                                **text_kwargs)
+            data.update(encoded)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def batch_decode(self, *args, **kwargs) -> list[str]:
+        return self._require_tokenizer().batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs) -> str:
+        return self._require_tokenizer().decode(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------ instruction prompts
+    def ensure_slide_token(self) -> int:
+        """Add ``slide_token`` to the tokenizer as a special token if missing; returns how many were added.
+
+        After adding, the language model's embeddings must be resized (``resize_token_embeddings``).
+        """
+        tokenizer = self._require_tokenizer()
+        if self.slide_token in tokenizer.get_vocab():
+            return 0
+        return tokenizer.add_special_tokens({"additional_special_tokens": [self.slide_token]},
+                                            replace_extra_special_tokens=False)
+
+    @property
+    def slide_token_id(self) -> int:
+        tokenizer = self._require_tokenizer()
+        vocab = tokenizer.get_vocab()
+        if self.slide_token not in vocab:
+            raise PromptError(f"the slide placeholder {self.slide_token!r} is not in the tokenizer's vocabulary. "
+                              "Call processor.ensure_slide_token() and resize the language model's embeddings.")
+        return vocab[self.slide_token]
+
+    def _chat_turns(self, conversation: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+        """Normalised turns with the slide placeholder at the start of the first user turn."""
+        turns = [{"role": t["role"], "content": str(t["content"])} for t in conversation]
+        if not turns or turns[0]["role"] not in ("user", "system"):
+            raise PromptError("a conversation must start with a user (or system) turn.")
+        if not any(self.slide_token in t["content"] for t in turns):
+            first_user = next(i for i, t in enumerate(turns) if t["role"] == "user")
+            turns[first_user]["content"] = f"{self.slide_token}\n{turns[first_user]['content']}"
+        return turns
+
+    def render_conversation(self, conversation: Sequence[dict[str, str]], add_generation_prompt: bool = False
+                            ) -> tuple[str, list[tuple[int, int]]]:
+        """Prompt text of a conversation and the character spans of every assistant reply (the trained part).
+
+        Uses the processor's or tokenizer's chat template when there is one, else a plain USER/ASSISTANT
+        format. Spans are found by rendering prefixes, so the template must only ever append.
+        """
+        tokenizer = self._require_tokenizer()
+        turns = self._chat_turns(conversation)
+        template = self.chat_template or getattr(tokenizer, "chat_template", None)
+        eos = tokenizer.eos_token or ""
+        spans: list[tuple[int, int]] = []
+        if template is None:
+            text = ""
+            for turn in turns:
+                if turn["role"] == "assistant":
+                    start = len(text) + 1  # after the leading space
+                    text += DEFAULT_ASSISTANT_TEMPLATE.format(content=turn["content"], eos=eos)
+                    spans.append((start, len(text) - 1))  # reply + eos, not the trailing newline
+                elif turn["role"] == "system":
+                    text += turn["content"] + "\n"
+                else:
+                    text += DEFAULT_USER_TEMPLATE.format(content=turn["content"])
+            if add_generation_prompt and turns[-1]["role"] == "assistant":
+                raise PromptError("add_generation_prompt needs a conversation ending with a user turn.")
+            return text, spans
+
+        def render(msgs: list[dict[str, str]], gen: bool) -> str:
+            return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=gen)
+
+        for k, turn in enumerate(turns):
+            if turn["role"] != "assistant":
+                continue
+            prefix = render(turns[:k], True)
+            full = render(turns[: k + 1], False)
+            if not full.startswith(prefix):
+                raise PromptError("the chat template is not prefix-stable (rendering a reply changes earlier "
+                                  "text), so answer tokens cannot be located; use a template that only appends.")
+            spans.append((len(prefix), len(full)))
+        return render(turns, add_generation_prompt), spans
+
+    def build_instruction_example(self, conversation: Sequence[dict[str, str]], max_length: int | None = None,
+                                  source: str = "example") -> dict[str, list[int]]:
+        """Token ids and labels for one conversation: labels are -100 everywhere but the assistant replies.
+
+        Truncation (to ``max_length``) cuts from the end; it is an error when the slide placeholder or the
+        whole first answer would be lost, never a silent shape mismatch.
+        """
+        tokenizer = self._require_tokenizer()
+        slide_id = self.slide_token_id
+        text, spans = self.render_conversation(conversation)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids: list[int] = list(enc["input_ids"])
+        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) and (
+                not ids or ids[0] != tokenizer.bos_token_id) and not text.startswith(tokenizer.bos_token or "\0"):
+            ids = [tokenizer.bos_token_id] + ids
+            offsets = [(0, 0)] + list(enc["offset_mapping"])
+        else:
+            offsets = list(enc["offset_mapping"])
+        labels = [-100] * len(ids)
+        for i, (start, end) in enumerate(offsets):
+            if end > start and any(start < s_end and end > s_start for s_start, s_end in spans):
+                labels[i] = ids[i]
+        if ids.count(slide_id) != 1:
+            raise PromptError(f"{source}: the prompt must contain the slide placeholder {self.slide_token!r} "
+                              f"exactly once, found {ids.count(slide_id)} (is it also written in the question?).")
+        limit = max_length or self.max_length
+        if limit is not None and len(ids) > limit:
+            ids, labels = ids[:limit], labels[:limit]
+            if slide_id not in ids:
+                raise PromptError(f"{source}: max_length={limit} cuts off the slide placeholder; raise max_length.")
+            if all(label == -100 for label in labels):
+                raise PromptError(f"{source}: max_length={limit} cuts off the whole answer (prompt is "
+                                  f"{len(enc['input_ids'])} tokens); raise max_length or shorten the question.")
+        if all(label == -100 for label in labels):
+            raise PromptError(f"{source}: the conversation has no answer tokens to train on.")
+        return {"input_ids": ids, "labels": labels}
+
+    def build_generation_prompt(self, question: str | Sequence[dict[str, str]]) -> str:
+        """Prompt text for ``generate()``: the conversation so far plus the assistant prefix."""
+        turns = [{"role": "user", "content": question}] if isinstance(question, str) else list(question)
+        text, _ = self.render_conversation(turns, add_generation_prompt=True)
+        return text
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["tile_features", "tile_coords", "tile_mask", "input_ids", "attention_mask"]
+
+
+__all__ = ["WSIProcessor"]

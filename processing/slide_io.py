@@ -1,0 +1,370 @@
+"""Reading, validating, sampling and writing slide feature files (H5).
+
+Three on-disk layouts are understood (see ``README.md`` → *Data contract*):
+
+* ``"seed"``    — ``features [N, D]`` + ``coords_yx [N, 2]`` stored as (y, x);
+* ``"clam"``    — ``features [N, D]`` + ``coords [N, 2]`` stored as (x, y); CLAM's coordinate attributes
+  (``patch_size``, ``patch_level``, ``downsample``) are used when present;
+* ``"trident"`` — ``features`` + ``coords`` (x, y) whose attributes include ``patch_size_level0``.
+
+When a file has both ``coords`` and ``coords_yx``, ``coords`` wins (it is what every other tool writes).
+Coordinates are returned in one canonical form: int64 ``(x, y)`` level-0 pixels. Tiles are returned in
+**row-major order by (y, x)** (top row first, left to right), because LongNet's output depends on sequence
+order and embeddings must be reproducible whatever order the extractor wrote.
+
+This module is imported by the Hub-shipped processor, so it imports only stdlib, numpy, torch and
+(lazily, inside a ``try``) h5py.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+from .errors import SlideFormatError
+
+try:  # optional at import time so the processor can be loaded as remote code without h5py
+    import h5py
+except ImportError:  # pragma: no cover - h5py is a declared dependency
+    h5py = None
+
+logger = logging.getLogger(__name__)
+
+TileSampling = Literal["all", "uniform", "random"]
+TILE_SAMPLING_STRATEGIES: tuple[str, ...] = ("all", "uniform", "random")
+SOURCE_LAYOUTS: tuple[str, ...] = ("seed", "clam", "trident")
+
+# A read touching at most this fraction of the rows uses a row selection; above it, reading everything and
+# indexing in memory is faster than HDF5's per-row hyperslab selection.
+_SELECTION_READ_MAX_FRACTION = 0.5
+
+
+@dataclass
+class SlideFeatures:
+    """Tile features of one slide in the canonical form.
+
+    Attributes:
+        features: ``[N, D]`` float32 tile features.
+        coords: ``[N, 2]`` int64 level-0 pixel coordinates, **(x, y)**, top-left corner of each tile.
+        patch_size_level0: tile side in level-0 pixels when the file says so, else ``None``
+            (see :func:`infer_tile_stride`).
+        path: the file it came from (``None`` for in-memory slides).
+        source_layout: ``"seed"``, ``"clam"``, ``"trident"`` or ``"memory"``.
+    """
+
+    features: torch.Tensor
+    coords: torch.Tensor
+    patch_size_level0: int | None = None
+    path: str | None = None
+    source_layout: str = "memory"
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def select(self, indices: np.ndarray | torch.Tensor | Sequence[int]) -> "SlideFeatures":
+        """A new ``SlideFeatures`` holding only ``indices`` (in the given order)."""
+        index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return SlideFeatures(self.features[index], self.coords[index], self.patch_size_level0, self.path,
+                             self.source_layout)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def spatial_order(coords: np.ndarray) -> np.ndarray:
+    """Permutation sorting tiles row-major by (y, x): ``coords[perm]`` is top-to-bottom, left-to-right."""
+    coords = np.asarray(coords)
+    return np.lexsort((coords[:, 0], coords[:, 1]))  # last key (y) is primary
+
+
+def infer_tile_stride(coords: np.ndarray | torch.Tensor) -> int | None:
+    """The tile stride: the most frequent step between horizontal (else vertical) neighbours, or ``None``.
+
+    Used when a file does not state ``patch_size_level0`` (CLAM feature files carry no attributes). The mode,
+    not the minimum, because real tilings restart the grid per tissue contour (offsets of a few pixels).
+    """
+    xy = np.asarray(coords.cpu() if isinstance(coords, torch.Tensor) else coords).astype(np.int64)
+    for along, across in ((0, 1), (1, 0)):
+        order = np.lexsort((xy[:, along], xy[:, across]))
+        line, pos = xy[order, across], xy[order, along]
+        steps = np.diff(pos)[(np.diff(line) == 0)]
+        steps = steps[steps > 0]
+        if steps.size:
+            values, counts = np.unique(steps, return_counts=True)
+            return int(values[np.argmax(counts)])
+    return None
+
+
+def sample_tile_indices(num_tiles: int, max_tiles: int | None, strategy: str = "uniform",
+                        seed: int | None = None) -> np.ndarray:
+    """Positions (sorted, int64) of the tiles to keep among ``num_tiles`` spatially ordered tiles.
+
+    * ``"all"``: every tile, no cap.
+    * ``"uniform"``: deterministic, evenly strided (the centre of ``max_tiles`` equal bins) — for evaluation.
+    * ``"random"``: uniformly random without replacement — for training. ``seed=None`` draws the seed from
+      torch's global generator, so ``transformers.set_seed`` and DataLoader worker seeding make it
+      reproducible and different per worker.
+    """
+    if strategy not in TILE_SAMPLING_STRATEGIES:
+        raise ValueError(f"tile_sampling={strategy!r} is not one of {TILE_SAMPLING_STRATEGIES}.")
+    if max_tiles is not None and max_tiles < 1:
+        raise ValueError(f"max_tiles={max_tiles} must be a positive integer (or None for no cap).")
+    if strategy == "all" or max_tiles is None or num_tiles <= max_tiles:
+        return np.arange(num_tiles, dtype=np.int64)
+    if strategy == "uniform":
+        return ((np.arange(max_tiles, dtype=np.float64) + 0.5) * num_tiles / max_tiles).astype(np.int64)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(num_tiles, size=max_tiles, replace=False)).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------------- reading
+def _require_h5py() -> None:
+    if h5py is None:
+        raise ImportError("Reading slide files needs h5py: pip install h5py")
+
+
+def _open(path: Path) -> "h5py.File":
+    _require_h5py()
+    if not path.exists():
+        raise SlideFormatError(f"{path}: file not found. Check the h5_path column / h5_root (paths are resolved "
+                               "against the annotation file's folder unless h5_root is given).")
+    if path.is_dir():
+        raise SlideFormatError(f"{path}: is a directory, expected an H5 feature file.")
+    if not h5py.is_hdf5(path):
+        raise SlideFormatError(f"{path}: not an HDF5 file (a .pt/.npy file renamed, or an incomplete download). "
+                               "Re-export the tile features with h5py (datasets 'features' and 'coords').")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise SlideFormatError(f"{path}: HDF5 file cannot be opened ({err}); it is probably truncated or was "
+                               "still being written. Re-run feature extraction for this slide.") from err
+
+
+def _features_dataset(f: "h5py.File", path: Path) -> "h5py.Dataset":
+    if "features" not in f or not isinstance(f["features"], h5py.Dataset):
+        raise SlideFormatError(f"{path}: no 'features' dataset (found keys {sorted(f.keys())}). Store tile "
+                               "features as a dataset named 'features' of shape [N, D].")
+    ds = f["features"]
+    if ds.ndim != 2:
+        hint = " Drop the leading batch axis (features[0]) when writing." if ds.ndim == 3 and ds.shape[0] == 1 else ""
+        raise SlideFormatError(f"{path}: 'features' has shape {ds.shape} (rank {ds.ndim}); expected rank 2 "
+                               f"[N, D].{hint}")
+    if ds.dtype.kind != "f":
+        raise SlideFormatError(f"{path}: 'features' has dtype {ds.dtype}; expected float16/float32/float64.")
+    if ds.shape[0] == 0:
+        raise SlideFormatError(f"{path}: 'features' has no tiles (N = 0). The slide had no tissue tiles: remove "
+                               "it from the annotation file or re-run tiling with a lower tissue threshold.")
+    if ds.shape[1] == 0:
+        raise SlideFormatError(f"{path}: 'features' has feature dimension 0.")
+    return ds
+
+
+def _clam_patch_size_level0(attrs) -> int | None:
+    if "patch_size" not in attrs:
+        return None
+    size = float(np.asarray(attrs["patch_size"]).reshape(-1)[0])
+    if "downsample" in attrs:
+        return int(round(size * float(np.asarray(attrs["downsample"]).reshape(-1)[0])))
+    if int(np.asarray(attrs.get("patch_level", 0)).reshape(-1)[0]) == 0:
+        return int(round(size))
+    return None
+
+
+def _read_coords(f: "h5py.File", path: Path, num_tiles: int) -> tuple[np.ndarray, str, int | None]:
+    """Canonical (x, y) int64 coordinates, the layout name and the tile size in level-0 pixels."""
+    if "coords" in f:
+        ds, layout, yx = f["coords"], "clam", False
+        if "patch_size_level0" in ds.attrs:
+            layout = "trident"
+    elif "coords_yx" in f:
+        ds, layout, yx = f["coords_yx"], "seed", True
+    else:
+        raise SlideFormatError(f"{path}: no tile coordinates (expected a 'coords' (x, y) or 'coords_yx' (y, x) "
+                               f"dataset; found keys {sorted(f.keys())}). Save the tile coordinates next to "
+                               "the features.")
+    name = ds.name.lstrip("/")
+    if ds.ndim != 2 or ds.shape[1] != 2:
+        raise SlideFormatError(f"{path}: '{name}' has shape {ds.shape}; expected [N, 2] level-0 pixel "
+                               "coordinates.")
+    if ds.shape[0] != num_tiles:
+        raise SlideFormatError(f"{path}: 'features' has {num_tiles} rows but '{name}' has {ds.shape[0]}; "
+                               "features and coordinates must describe the same tiles, row for row. Re-export "
+                               "both from the same extraction run.")
+    if ds.dtype == np.float16:
+        raise SlideFormatError(f"{path}: '{name}' is stored as float16, which cannot represent level-0 pixel "
+                               "coordinates above 2048 exactly (positions would alias). Store coordinates as "
+                               "int32/int64.")
+    raw = ds[()]
+    if raw.dtype.kind == "f":
+        if not np.isfinite(raw).all():
+            raise SlideFormatError(f"{path}: '{name}' contains NaN/Inf values. Re-export the coordinates.")
+        raw = np.floor(raw)  # floor(floor(c) / s) == floor(c / s) for c >= 0: positions are unchanged
+    elif raw.dtype.kind not in "iu":
+        raise SlideFormatError(f"{path}: '{name}' has dtype {raw.dtype}; expected integers.")
+    coords = raw.astype(np.int64, copy=False)
+    if yx:
+        coords = coords[:, ::-1]
+    coords = np.ascontiguousarray(coords)
+
+    patch = None
+    if "patch_size_level0" in ds.attrs:
+        patch = int(np.asarray(ds.attrs["patch_size_level0"]).reshape(-1)[0])
+    elif "patch_size_level0" in f.attrs:
+        patch = int(np.asarray(f.attrs["patch_size_level0"]).reshape(-1)[0])
+    elif layout == "clam":
+        patch = _clam_patch_size_level0(ds.attrs)
+    return coords, layout, patch
+
+
+def validate_coords(coords: np.ndarray, source: str) -> None:
+    """Raise :class:`SlideFormatError` on negative or duplicated tile coordinates."""
+    negative = np.flatnonzero((coords < 0).any(axis=1))
+    if negative.size:
+        i = int(negative[0])
+        raise SlideFormatError(f"{source}: {negative.size} tile(s) have negative coordinates (first: row {i}, "
+                               f"(x, y) = {tuple(int(v) for v in coords[i])}). Coordinates must be level-0 pixel "
+                               "offsets from the slide's top-left corner; shift them so the minimum is 0.")
+    order = spatial_order(coords)
+    sorted_xy = coords[order]
+    same = np.flatnonzero((sorted_xy[1:] == sorted_xy[:-1]).all(axis=1))
+    if same.size:
+        a, b = int(order[same[0]]), int(order[same[0] + 1])
+        raise SlideFormatError(f"{source}: {same.size} duplicated tile coordinate(s) (e.g. rows {a} and {b} both "
+                               f"at (x, y) = {tuple(int(v) for v in coords[a])}). Each tile must appear once: "
+                               "deduplicate at extraction, or check that coordinates are level-0 pixels and "
+                               "not grid indices at a coarser level.")
+
+
+def _read_feature_rows(ds: "h5py.Dataset", rows: np.ndarray | None) -> np.ndarray:
+    """Rows ``rows`` (any order, duplicates allowed) of ``ds``, or all rows; touches only what it needs."""
+    if rows is None:
+        return ds[()]
+    unique, inverse = np.unique(rows, return_inverse=True)
+    if unique.size > _SELECTION_READ_MAX_FRACTION * ds.shape[0]:
+        block = ds[()][unique]
+    else:
+        block = ds[unique]  # h5py needs increasing, unique indices
+    return block if unique.size == rows.size and np.array_equal(unique, rows) else block[inverse]
+
+
+def _finite_rows(features: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: rows without NaN/Inf. A row sum is non-finite iff some entry is (or, for huge finite
+    values, the sum overflowed — those rows are re-checked exactly), and it avoids an ``[N, D]`` bool temporary."""
+    finite = torch.isfinite(features.sum(dim=1))  # [N]
+    if not bool(finite.all()):
+        suspects = torch.nonzero(~finite).flatten()
+        finite[suspects] = torch.isfinite(features[suspects]).all(dim=1)
+    return finite
+
+
+def read_slide(path: str | Path, *, rows: Sequence[int] | np.ndarray | None = None, max_tiles: int | None = None,
+               tile_sampling: str = "all", seed: int | None = None,
+               nonfinite: Literal["raise", "drop"] = "raise") -> SlideFeatures:
+    """Read one slide's tile features and coordinates, validated and in canonical form.
+
+    Args:
+        path: H5 file in the seed, CLAM or TRIDENT layout (fp16 or fp32 features).
+        rows: read only these on-disk rows, returned **in the caller's order** (no spatial sort).
+        max_tiles / tile_sampling / seed: cap the number of tiles (see :func:`sample_tile_indices`); only the
+            chosen rows' features are read. Without ``rows``, tiles come back sorted row-major by (y, x).
+        nonfinite: ``"raise"`` (default) on NaN/Inf features, or ``"drop"`` those tiles with a warning.
+
+    Raises:
+        SlideFormatError: on any violation of the data contract, naming the file, the problem and the fix.
+    """
+    path = Path(path)
+    with _open(path) as f:
+        ds = _features_dataset(f, path)
+        num_tiles = int(ds.shape[0])
+        coords, layout, patch = _read_coords(f, path, num_tiles)
+        validate_coords(coords, str(path))
+
+        if rows is not None:
+            disk_rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            bad = disk_rows[(disk_rows < 0) | (disk_rows >= num_tiles)]
+            if bad.size:
+                raise SlideFormatError(f"{path}: requested rows {bad[:5].tolist()} are outside 0..{num_tiles - 1}.")
+            if disk_rows.size == 0:
+                raise SlideFormatError(f"{path}: rows=[] selects no tile.")
+        else:
+            order = spatial_order(coords)
+            keep = sample_tile_indices(num_tiles, max_tiles, tile_sampling, seed)
+            disk_rows = order[keep]
+            if disk_rows.size == num_tiles and np.array_equal(disk_rows, np.arange(num_tiles)):
+                disk_rows = None  # already in canonical order on disk: one contiguous read
+
+        array = _read_feature_rows(ds, disk_rows)
+    features = torch.from_numpy(array)
+    features = features if features.dtype == torch.float32 else features.float()
+    coords_t = torch.from_numpy(coords if disk_rows is None else coords[disk_rows])
+
+    finite = _finite_rows(features)
+    if not bool(finite.all()):
+        bad_pos = torch.nonzero(~finite).flatten()
+        bad_rows = (bad_pos if disk_rows is None else torch.from_numpy(disk_rows)[bad_pos]).tolist()
+        if nonfinite != "drop":
+            raise SlideFormatError(f"{path}: {len(bad_rows)} tile(s) have NaN/Inf features (on-disk rows "
+                                   f"{bad_rows[:5]}{'...' if len(bad_rows) > 5 else ''}), often fp16 overflow at "
+                                   "extraction. Re-extract in fp32/bf16, or pass nonfinite='drop' "
+                                   "(--skip-bad-tiles) to drop those tiles.")
+        logger.warning("%s: dropping %d tile(s) with NaN/Inf features", path, len(bad_rows))
+        features, coords_t = features[finite], coords_t[finite]
+        if features.shape[0] == 0:
+            raise SlideFormatError(f"{path}: every selected tile has NaN/Inf features; nothing is left.")
+    return SlideFeatures(features=features, coords=coords_t, patch_size_level0=patch, path=str(path),
+                         source_layout=layout)
+
+
+def slide_num_tiles(path: str | Path) -> int:
+    """Number of tiles in a slide file, reading only its metadata."""
+    path = Path(path)
+    with _open(path) as f:
+        return int(_features_dataset(f, path).shape[0])
+
+
+# --------------------------------------------------------------------------------------------------- writing
+def write_slide(path: str | Path, features: np.ndarray | torch.Tensor, coords: np.ndarray | torch.Tensor, *,
+                layout: str = "seed", patch_size_level0: int | None = 256,
+                dtype: str | np.dtype = "float16") -> Path:
+    """Write tile ``features [N, D]`` and ``coords [N, 2]`` **(x, y)** in one of the three layouts.
+
+    ``"seed"`` stores ``coords_yx`` (y, x); ``"clam"`` stores ``coords`` (x, y) without attributes;
+    ``"trident"`` stores ``coords`` (x, y) with TRIDENT's attributes (``patch_size_level0`` …).
+    """
+    _require_h5py()
+    if layout not in SOURCE_LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {SOURCE_LAYOUTS}.")
+    feats = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+    xy = coords.detach().cpu().numpy() if isinstance(coords, torch.Tensor) else np.asarray(coords)
+    xy = xy.astype(np.int64)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=feats.astype(dtype))
+        if layout == "seed":
+            f.create_dataset("coords_yx", data=xy[:, ::-1])
+            if patch_size_level0 is not None:
+                f.attrs["patch_size_level0"] = int(patch_size_level0)
+        else:
+            ds = f.create_dataset("coords", data=xy)
+            if layout == "trident":
+                size = int(patch_size_level0 or 256)
+                ds.attrs.update({"patch_size": size, "patch_size_level0": size, "level0_magnification": 20,
+                                 "target_magnification": 20, "overlap": 0, "name": path.stem})
+    return path
+
+
+__all__ = [
+    "SlideFeatures", "read_slide", "write_slide", "slide_num_tiles", "sample_tile_indices", "spatial_order",
+    "infer_tile_stride", "validate_coords", "TILE_SAMPLING_STRATEGIES", "SOURCE_LAYOUTS",
+]

@@ -1,0 +1,54 @@
+"""Shared fixtures: offline tiny tokenizers, slide files in every layout, the ../shared data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+
+_WORDS = ("the a of and in is are with tumor tumour carcinoma cells slide shows invasive ductal breast lung "
+          "adenocarcinoma squamous grade high low what which type diagnosis answer question report normal "
+          "tissue stroma necrosis mitotic figures present absent yes no b c d").split()
+
+
+def build_tiny_tokenizer(extra_words: tuple[str, ...] = ()):
+    """A word-level fast tokenizer built in memory (no download), with offsets and special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for word in list(_WORDS) + list(extra_words) + list(":?.,!()-\n") + ["USER", "ASSISTANT"]:
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data folder {SHARED} is absent (it sits beside the checkout in CI)")
+    return SHARED
+
+
+def grid_coords(num_tiles: int, columns: int = 7, stride: int = 256) -> np.ndarray:
+    """(x, y) coordinates of ``num_tiles`` tiles on a row-major grid with ``columns`` columns."""
+    i = np.arange(num_tiles)
+    return np.stack([(i % columns) * stride, (i // columns) * stride], axis=1).astype(np.int64)
