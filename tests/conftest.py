@@ -52,3 +52,12 @@ def grid_coords(num_tiles: int, columns: int = 7, stride: int = 256) -> np.ndarr
     """(x, y) coordinates of ``num_tiles`` tiles on a row-major grid with ``columns`` columns."""
     i = np.arange(num_tiles)
     return np.stack([(i % columns) * stride, (i // columns) * stride], axis=1).astype(np.int64)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a torchrun rendezvous (``--master_port 0`` hangs)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
