@@ -115,21 +115,42 @@ def test_sampling_strategies(tmp_path):
         sample_tile_indices(100, 0, "uniform")
 
 
-def test_sampled_read_touches_only_chosen_rows(tmp_path, monkeypatch):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_sampled_read_touches_only_chosen_rows(tmp_path, monkeypatch, chunked):
+    """Contiguous datasets are gathered through a memory map, chunked ones through an h5py row selection;
+    neither reads the whole feature matrix."""
+    import processing.slide_io as slide_io
+
     feats, coords = _slide(n=200)
-    path = write_slide(tmp_path / "s.h5", feats, coords, dtype="float32")
-    seen = []
-    original = h5py.Dataset.__getitem__
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=feats, chunks=(16, 6) if chunked else None)
+        f["coords"] = coords
+    h5_keys, mapped_rows = [], []
+    original_get, original_map = h5py.Dataset.__getitem__, slide_io._memmap_rows
 
-    def spy(self, key, *args, **kwargs):
+    def spy_get(self, key, *args, **kwargs):
         if self.name == "/features":
-            seen.append(key)
-        return original(self, key, *args, **kwargs)
+            h5_keys.append(key)
+        return original_get(self, key, *args, **kwargs)
 
-    monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
+    def spy_map(ds, rows):
+        out = original_map(ds, rows)
+        mapped_rows.append(None if out is None else len(rows))
+        return out
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", spy_get)
+    monkeypatch.setattr(slide_io, "_memmap_rows", spy_map)
     slide = read_slide(path, max_tiles=16, tile_sampling="random", seed=0)
     assert slide.num_tiles == 16
-    assert len(seen) == 1 and isinstance(seen[0], np.ndarray) and seen[0].size == 16
+    if chunked:
+        assert mapped_rows == [None] and len(h5_keys) == 1 and np.asarray(h5_keys[0]).size == 16
+    else:
+        assert mapped_rows == [16] and h5_keys == []
+    full = read_slide(path)
+    picked = {tuple(c) for c in slide.coords.tolist()}
+    mask = np.array([tuple(c) in picked for c in full.coords.tolist()])
+    np.testing.assert_array_equal(slide.features.numpy(), full.features.numpy()[mask])
 
 
 def test_nonfinite_features_raise_or_drop(tmp_path):

@@ -28,13 +28,17 @@ class Args:
     workdir: str | None = field(default=None, metadata={"help": "where to write the test slides (default: tmp)"})
 
 
-def _best(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm the page cache and allocator
-    best = float("inf")
+def _best_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best-of-``repeats`` time of each function, running them in turn (one of each per round), so that
+    allocator and page-cache state (transparent huge pages, freed buffers) is the same for all of them."""
+    for fn in fns.values():
+        fn()  # warm the page cache and allocator
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -58,11 +62,12 @@ def run(args: Args) -> None:
                     with h5py.File(path, "r") as f:
                         return f["features"][()].astype(np.float32, copy=False)
 
-                t_raw = _best(raw, args.repeats)
-                t_raw32 = _best(raw_f32, args.repeats)
-                t_full = _best(lambda: read_slide(path), args.repeats)
                 k = min(args.sample_rows, n)
-                t_sample = _best(lambda: read_slide(path, max_tiles=k, tile_sampling="random", seed=0), args.repeats)
+                t = _best_interleaved({
+                    "raw": raw, "raw32": raw_f32, "full": lambda: read_slide(path),
+                    "sample": lambda: read_slide(path, max_tiles=k, tile_sampling="random", seed=0),
+                }, args.repeats)
+                t_raw, t_raw32, t_full, t_sample = t["raw"], t["raw32"], t["full"], t["sample"]
                 mb = n * args.feature_dim * np.dtype(dtype).itemsize / 2**20
                 print(f"{n:>7} {dtype:>7} {mb / t_raw:>9.0f} {t_raw / t_raw32:>7.2f}x {t_full * 1e3:>8.1f}ms "
                       f"{t_raw / t_full:>6.2f}x {t_raw32 / t_full:>9.2f}x | {t_sample * 1e3:>6.1f}ms "

@@ -30,6 +30,7 @@ def main(out_path: str) -> None:
     dist.all_reduce(loss)
     if rank == 0:
         torch.save({"loss": loss / world, "grads": grads}, out_path)
+    dist.barrier()  # nobody tears down while a peer may still be inside a collective
     dist.destroy_process_group()
 
 
