@@ -22,6 +22,9 @@ _LAZY = {
     "InstructionCollator": "collators",
     "stable_id": "collators",
     "make_demo_dataset": "demo_data",
+    "preflight_check": "preflight",
+    "inspect_slide": "preflight",
+    "PreflightReport": "preflight",
 }
 
 

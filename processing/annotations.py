@@ -127,7 +127,7 @@ def _resolve(h5_path: str, base: Path, root: Path | None) -> tuple[Path, str | N
 
 
 def load_annotations(path: str | Path, task: AnnotationTask = "clip", *, h5_root: str | Path | None = None,
-                     split: str | None = None, check_files: bool = True,
+                     split: str | None = None, check_files: bool = True, require_case_id: bool = False,
                      on_error: Literal["raise", "skip"] = "raise") -> "datasets.Dataset":
     """Load and validate an annotation file for ``task`` (``"clip"`` or ``"llava"``).
 
@@ -140,6 +140,8 @@ def load_annotations(path: str | Path, task: AnnotationTask = "clip", *, h5_root
         h5_root: resolve relative ``h5_path``s here and refuse paths escaping it.
         split: keep only rows whose ``split`` column equals this value.
         check_files: check that every H5 file exists (only the file system is touched, no H5 is opened).
+        require_case_id: the loss groups slides by case: a missing ``case_id`` column or empty value is an
+            error instead of defaulting to the slide id.
         on_error: ``"raise"`` (default) lists every bad row in one :class:`AnnotationError`; ``"skip"``
             drops bad rows with a warning that counts them.
     """
@@ -165,6 +167,10 @@ def load_annotations(path: str | Path, task: AnnotationTask = "clip", *, h5_root
             f"A {task} file needs {list(required)}" + (" (or a 'conversations' list)" if task == "llava" else "")
             + "; rename your columns or pass the right task.")
 
+    if require_case_id and "case_id" not in keys:
+        raise AnnotationError(f"{path}: no 'case_id' column, but the loss groups slides by case (several slides "
+                              "of one case share one report). Add a case_id column (e.g. the 12-character TCGA "
+                              "patient barcode), or disable case grouping.")
     root = Path(h5_root).expanduser().resolve() if h5_root is not None else None
     base = root if root is not None else path.parent.resolve()
     text_columns = ("caption",) if task == "clip" else ("question", "answer")
@@ -184,6 +190,8 @@ def load_annotations(path: str | Path, task: AnnotationTask = "clip", *, h5_root
                 row_problems.append(refused)
             elif check_files and not resolved.is_file():
                 row_problems.append(f"H5 file '{h5}' not found (looked at {resolved})")
+        if require_case_id and not str(rec.get("case_id") or "").strip():
+            row_problems.append("empty case_id")
         conv = rec.get("conversations") if task == "llava" else None
         if conv:
             if not any(t["role"] == "assistant" and t["content"] for t in conv):

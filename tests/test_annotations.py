@@ -118,3 +118,15 @@ def test_unsupported_and_empty_files(tmp_path):
         load_annotations(tmp_path / "e.csv")
     with pytest.raises(AnnotationError, match="not found"):
         load_annotations(tmp_path / "nope.csv")
+
+
+def test_case_id_required_where_the_loss_needs_it(tmp_path):
+    _slides(tmp_path, ["a.h5", "b.h5"])
+    no_col = _csv(tmp_path / "a.csv", SEED, [["a.h5", "c", "q", "a", "s", "d"]])
+    assert load_annotations(no_col, "clip")[0]["case_id"] == "s"  # default: the slide itself
+    with pytest.raises(AnnotationError, match="no 'case_id' column, but the loss groups slides by case"):
+        load_annotations(no_col, "clip", require_case_id=True)
+    empty = _csv(tmp_path / "b.csv", SEED + ["case_id"], [["a.h5", "c", "q", "a", "s", "d", "C1"],
+                                                         ["b.h5", "c", "q", "a", "t", "d", ""]])
+    with pytest.raises(AnnotationError, match="row 2: empty case_id"):
+        load_annotations(empty, "clip", require_case_id=True)

@@ -1,0 +1,77 @@
+"""Pre-flight check: every bad slide of a dataset reported before training, or skipped and counted."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import grid_coords
+from processing import SlideFormatError, WSIDataError, inspect_slide, preflight_check, write_slide
+from processing.preflight import check_grid
+
+
+def _row(path, i, case="c"):
+    return {"h5_path": str(path), "row": i, "case_id": case}
+
+
+def test_all_problems_reported_at_once_and_skip_counts(tmp_path):
+    good = write_slide(tmp_path / "good.h5", np.ones((4, 3)), grid_coords(4))
+    wrong_dim = write_slide(tmp_path / "dim.h5", np.ones((4, 5)), grid_coords(4))
+    nan = np.ones((4, 3))
+    nan[2, 1] = np.nan
+    with_nan = write_slide(tmp_path / "nan.h5", nan, grid_coords(4), dtype="float32")
+    rows = [_row(good, 1), _row(wrong_dim, 2), _row(tmp_path / "missing.h5", 3), _row(with_nan, 4),
+            _row(good, 5, case="")]
+    with pytest.raises(WSIDataError) as err:
+        preflight_check(rows, feature_dim=3, require_case_id=True, source="train.csv")
+    msg = str(err.value)
+    assert "train.csv: 4 of 5 row(s) failed" in msg
+    assert "row 2:" in msg and "dimension 5 but the model expects 3" in msg
+    assert "row 3:" in msg and "file not found" in msg
+    assert "row 4:" in msg and "NaN/Inf features (on-disk rows [2])" in msg
+    assert "row 5: case_id is missing" in msg and "--skip_bad_samples" in msg
+    report = preflight_check(rows, feature_dim=3, require_case_id=True, skip_bad_samples=True)
+    assert report.kept_rows == [0] and report.num_skipped == 4 and report.num_slides == 1  # valid files
+    assert report.num_tiles == 4 and "4 row(s) skipped" in report.summary()
+    with pytest.raises(WSIDataError, match="every row failed"):
+        preflight_check(rows[1:3], feature_dim=3, skip_bad_samples=True)
+
+
+def test_grid_check_names_the_tile_and_the_rescale(tmp_path):
+    coords = grid_coords(6, columns=3, stride=512) * 2  # 40x-like coordinates: stride 1024 px
+    coords[5] = [300_000, 2048]
+    path = write_slide(tmp_path / "big.h5", np.ones((6, 2)), coords)
+    with pytest.raises(SlideFormatError) as err:
+        inspect_slide(path, tile_size=256, slide_ngrids=1000)
+    msg = str(err.value)
+    assert "outside the position grid 0..999 for tile_size 256" in msg and "(x, y) = (300000, 2048)" in msg
+    assert "grid cell (1171, 8)" in msg and "divide the coordinates by 2" in msg
+    assert "tile stride in this file is 1024 px" in msg
+    assert inspect_slide(path, tile_size=512, slide_ngrids=1000) == 6
+    check_grid(np.array([[0, 0], [255_744, 255_744]]), 256, 1000, "ok")  # cell 999 is inside
+
+
+def test_truncated_file_is_reported_not_crashing(tmp_path):
+    path = write_slide(tmp_path / "t.h5", np.ones((400, 64)), grid_coords(400))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WSIDataError, match="row 1: .*t.h5"):
+        preflight_check([_row(path, 1)])
+
+
+def test_scan_is_chunked_and_finds_nan_in_a_late_chunk(tmp_path, monkeypatch):
+    import processing.preflight as pf
+
+    monkeypatch.setattr(pf, "_VALUE_SCAN_ROWS", 16)
+    feats = np.ones((100, 3), np.float32)
+    feats[97, 0] = np.inf
+    path = write_slide(tmp_path / "late.h5", feats, grid_coords(100), dtype="float32")
+    reads = []
+    original = h5py.Dataset.__getitem__
+    monkeypatch.setattr(h5py.Dataset, "__getitem__",
+                        lambda self, key: reads.append(key) or original(self, key))
+    with pytest.raises(SlideFormatError, match=r"on-disk rows \[97\]"):
+        inspect_slide(path)
+    chunk_reads = [k for k in reads if isinstance(k, slice)]
+    assert len(chunk_reads) == 7 and all(k.stop - k.start <= 16 for k in chunk_reads)
