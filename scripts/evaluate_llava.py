@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Evaluate WSI-LLaVA: closed questions → accuracy beside blind baselines; open answers / reports → BLEU, ROUGE-L.
+
+    python scripts/evaluate_llava.py --model demo_output/llava_stage2 --adapter demo_output/llava_stage3 \
+        --annotations demo_output/data/llava_instruct_test.json --output demo_output/llava_eval.json
+    python scripts/evaluate_llava.py --model ckpt/merged --annotations SlideBench-VQA-TCGA.csv --h5_root feats/ \
+        --token_selection prumerge_plus --batch_size 16
+
+Annotation layouts: LLaVA conversation JSON (WSI-Bench per-task files, SlideChat, the demo), WSI-Bench JSONL
+(``question`` / ``T-answer``), the seed CSV, and SlideBench VQA CSVs (``Slide, Question, A..D, Answer``: slides are
+looked up as ``<h5_root>/<Slide><slide_suffix>``). Multi-turn conversations give one item per answer, with the gold
+earlier turns as history. Writes every prediction and the metrics to ``--output`` (JSON) and prints the summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser
+
+import wsi_llava  # noqa: F401  (registers the model classes)
+from processing import load_annotations
+from wsi_llava import WSILlavaForConditionalGeneration, generate_answers
+from wsi_llava.evaluation import evaluation_items, parse_letter, parse_yes_no, question_options, summarize
+
+
+@dataclass
+class EvalArguments:
+    model: str = field(metadata={"help": "WSI-LLaVA checkpoint (full or merged); holds the processor too."})
+    annotations: str = field(metadata={"help": "Questions: LLaVA JSON, WSI-Bench JSONL, seed CSV or SlideBench CSV."})
+    adapter: str | None = field(default=None, metadata={"help": "Stage-3 LoRA adapter folder (PeftModel)."})
+    processor: str | None = field(default=None, metadata={"help": "Processor folder (default: --model)."})
+    output: str | None = field(default=None, metadata={"help": "Write predictions + metrics JSON here."})
+    h5_root: str | None = field(default=None, metadata={"help": "Folder the slide paths are relative to."})
+    slide_suffix: str = field(default=".h5", metadata={"help": "SlideBench CSV: file suffix after the Slide id."})
+    split: str | None = field(default=None, metadata={"help": "Keep only rows with this split value."})
+    majority_from: str | None = field(default=None, metadata={
+        "help": "Annotations (e.g. the training set) to take the majority-answer baseline from; default: the "
+                "evaluated set itself."})
+    max_items: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
+    token_selection: str | None = field(default=None, metadata={"help": "Override the model's token selector."})
+    token_selection_kwargs: str | None = field(default=None, metadata={"help": "JSON options of the selector."})
+    max_tiles: int | None = field(default=None, metadata={"help": "Tile cap per slide (default: the processor's)."})
+    batch_size: int = field(default=8, metadata={"help": "Questions per generate() call."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest answer / report."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with --do_sample)."})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1 or auto."})
+    dtype: str | None = field(default=None, metadata={"help": "Model dtype (bfloat16 on GPUs)."})
+
+
+def slidebench_to_records(path: Path) -> list[dict[str, Any]] | None:
+    """SlideBench VQA CSV rows → seed records (question with its options, letter answer); None if not SlideBench."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = set(reader.fieldnames or [])
+        if not {"Slide", "Question", "A", "B", "Answer"} <= columns:
+            return None
+        rows = list(reader)
+    letters = [c for c in "ABCDEFGH" if c in columns]
+    records = []
+    for row in rows:
+        options = "".join(f"\n{c}) {row[c]}" for c in letters if str(row.get(c) or "").strip())
+        records.append({"slide_id": row["Slide"], "question": row["Question"].strip() + options,
+                        "answer": row["Answer"].strip(), "category": row.get("Narrow Category") or row.get("Task", ""),
+                        "dataset": "SlideBench"})
+    return records
+
+
+def load_items(args: EvalArguments, path: str) -> list[dict[str, Any]]:
+    source = Path(path)
+    if source.suffix.lower() == ".csv":
+        records = slidebench_to_records(source)
+        if records is not None:
+            root = Path(args.h5_root or source.parent)
+            for r in records:
+                r["h5_path"] = str(root / f"{r['slide_id']}{args.slide_suffix}")
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, encoding="utf-8") as fh:
+                json.dump(records, fh)
+            dataset = load_annotations(fh.name, "llava")
+            Path(fh.name).unlink()
+            return evaluation_items(dataset)
+    dataset = load_annotations(path, "llava", h5_root=args.h5_root, split=args.split)
+    return evaluation_items(dataset)
+
+
+def gold_answers(items: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for item in items:
+        if item["kind"] == "choice":
+            out.append(parse_letter(item["answer"], question_options(item["question"])))
+        elif item["kind"] == "yes_no":
+            out.append(parse_yes_no(item["answer"]))
+    return [a for a in out if a is not None]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    import torch
+
+    from processing import WSIProcessor
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = WSILlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    model.to(device).eval()
+    processor = WSIProcessor.from_pretrained(args.processor or args.adapter or args.model) \
+        if Path(args.processor or args.adapter or args.model, "processor_config.json").is_file() \
+        else WSIProcessor.from_pretrained(args.model)
+
+    items = load_items(args, args.annotations)
+    if args.max_items:
+        items = items[: args.max_items]
+    gen_kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    if args.do_sample:
+        gen_kwargs["temperature"] = args.temperature
+    if args.token_selection:
+        gen_kwargs["token_selection"] = args.token_selection
+        gen_kwargs["token_selection_kwargs"] = json.loads(args.token_selection_kwargs or "{}")
+    predictions = generate_answers(model, processor, [i["h5_path"] for i in items], [i["history"] for i in items],
+                                   batch_size=args.batch_size, max_tiles=args.max_tiles, progress=True, **gen_kwargs)
+    for item, prediction in zip(items, predictions):
+        item["prediction"] = prediction
+    majority = gold_answers(load_items(args, args.majority_from)) if args.majority_from else None
+    report = summarize(items, majority)
+    closed = report.get("closed")
+    if closed:
+        print(f"closed questions (n={closed['n']}): accuracy {closed['accuracy']:.3f} | blind baselines: majority "
+              f"answer '{closed['majority_answer']}' {closed['majority_baseline']:.3f}, random "
+              f"{closed['random_baseline']:.3f} | unparsed answers {closed['unparsed']:.3f}")
+    opened = report.get("open")
+    if opened:
+        print(f"open answers (n={opened['n']}): " + ", ".join(
+            f"{k.upper().replace('_', '-')} {v:.3f}" for k, v in opened.items() if k != "n"))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        for item in items:
+            item.pop("history", None)
+        Path(args.output).write_text(json.dumps({"metrics": report, "items": items}, indent=1, ensure_ascii=False),
+                                     encoding="utf-8")
+        print(f"predictions and metrics written to {args.output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Train WSI-LLaVA: stage 2 (projector only) or stage 3 (LoRA on the LM + projector).
+
+    python scripts/train_llava.py --stage 2 scripts/configs/llava_stage2_demo.yaml
+    accelerate launch scripts/train_llava.py --stage 3 scripts/configs/llava_stage3_demo.yaml --merge true
+    python scripts/train_llava.py --stage 2 --vision_tower ckpt/wsi_clip --language_model Qwen/Qwen2.5-7B-Instruct \
+        --train_file data/captions.json --output_dir out/stage2 ...
+
+A YAML / JSON config file (first positional argument) gives defaults; command-line options override it. Every
+option of ``ModelArguments``, ``DataArguments`` and ``LlavaTrainingArguments`` (``wsi_llava/training.py``, which
+extends ``transformers.TrainingArguments``) is accepted; ``--help`` lists them.
+
+Outputs in ``output_dir``: stage 2 → a full WSI-LLaVA checkpoint (``from_pretrained``-loadable, with the processor);
+stage 3 → LoRA adapters + the projector copy (``PeftModel.from_pretrained(base, output_dir)``), and with
+``--merge true`` a merged full checkpoint in ``output_dir/merged``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser, set_seed
+
+from processing import InstructionCollator, load_annotations
+from wsi_llava.training import (DataArguments, LlavaTrainingArguments, ModelArguments, WSILlavaTrainer,
+                                build_model_and_processor, calibrate_gamma, count_parameters, prepare_stage,
+                                projector_gamma)
+
+
+def config_to_argv(path: str) -> list[str]:
+    """A YAML / JSON mapping → ``--key value`` arguments (mappings become JSON strings, lists several values)."""
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: the config file must be a mapping of option names to values.")
+    argv: list[str] = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *[str(v) for v in value]]
+        elif isinstance(value, bool):
+            argv += [f"--{key}", "true" if value else "false"]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, LlavaTrainingArguments]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--stage", type=int, choices=(2, 3), default=None)
+    known, rest = pre.parse_known_args(argv)
+    config_argv: list[str] = []
+    if rest and not rest[0].startswith("-") and rest[0].endswith((".yaml", ".yml", ".json")):
+        config_argv = config_to_argv(rest[0])
+        rest = rest[1:]
+    if known.stage is not None:
+        rest = rest + ["--stage", str(known.stage)]
+    parser = HfArgumentParser((ModelArguments, DataArguments, LlavaTrainingArguments))
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=config_argv + rest)
+    if data_args.train_file is None:
+        raise SystemExit("--train_file is required (in the config file or on the command line).")
+    return model_args, data_args, train_args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, args = parse(list(sys.argv[1:] if argv is None else argv))
+    set_seed(args.seed)
+    train = load_annotations(data_args.train_file, "llava", h5_root=data_args.h5_root, split=data_args.train_split)
+    if data_args.max_train_samples:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    evaluation = None
+    if data_args.eval_file:
+        evaluation = load_annotations(data_args.eval_file, "llava", h5_root=data_args.h5_root,
+                                      split=data_args.eval_split)
+    texts = [t["content"] for row in train for t in row["conversations"]]
+    model, processor, fresh = build_model_and_processor(model_args, data_args, texts)
+    collator = InstructionCollator(processor, max_tiles=data_args.max_tiles, tile_sampling=data_args.tile_sampling,
+                                   max_length=data_args.max_length)
+    if fresh and model_args.calibrate_gamma:
+        gamma = calibrate_gamma(model, collator([train[i] for i in range(min(len(train), 4))]))
+        print(f"[train_llava] gamma calibrated on real tower outputs: {gamma:.4g}")
+    if args.activation_checkpointing or args.gradient_checkpointing:
+        args.gradient_checkpointing_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    trainable_model = prepare_stage(model, args)
+    trainable, total = count_parameters(trainable_model)
+    print(f"[train_llava] stage {args.stage}: {trainable:,} trainable of {total:,} parameters; token selection "
+          f"{model.config.token_selection!r} {model.config.token_selection_kwargs}; gamma {projector_gamma(model):.4g}")
+    trainer = WSILlavaTrainer(model=trainable_model, args=args, train_dataset=train, eval_dataset=evaluation,
+                              data_collator=collator, processing_class=processor,
+                              projector_lr=args.projector_lr if args.stage == 3 else None)
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(args.output_dir)
+    metrics = dict(result.metrics)
+    metrics["projector_gamma"] = projector_gamma(trainable_model)
+    if args.stage == 3 and args.merge and trainer.is_world_process_zero():
+        merged_dir = str(Path(args.output_dir) / "merged")
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(merged_dir)
+        processor.save_pretrained(merged_dir)
+        metrics["merged_dir"] = merged_dir
+        print(f"[train_llava] merged model written to {merged_dir}")
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+../wsi_clip/configuration_slide_encoder.py

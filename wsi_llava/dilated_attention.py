@@ -1,0 +1,1 @@
+../wsi_clip/dilated_attention.py

@@ -1,0 +1,1 @@
+../wsi_clip/modeling_slide_encoder.py
