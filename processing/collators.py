@@ -17,9 +17,12 @@ from .processing_wsi import WSIProcessor
 
 
 def stable_id(value: Any) -> int:
-    """A process-independent int64 id of a string (Python's ``hash`` is salted per process)."""
+    """A process-independent, non-negative int64 id of a string (Python's ``hash`` is salted per process).
+
+    Non-negative because the contrastive loss reserves negative ids for "no pair" rows.
+    """
     digest = hashlib.blake2b(str(value).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
+    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass

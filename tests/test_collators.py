@@ -76,3 +76,14 @@ def test_random_sampling_differs_between_batches_but_follows_the_seed(processor,
     b = collate(rows[:1])["tile_coords"]
     torch.manual_seed(0)
     assert torch.equal(a, collate(rows[:1])["tile_coords"]) and not torch.equal(a, b)
+
+
+def test_stable_ids_are_non_negative_and_process_independent():
+    import subprocess
+    import sys
+
+    ids = [stable_id(f"case-{i}") for i in range(200)]
+    assert min(ids) >= 0 and len(set(ids)) == 200  # negative ids mean "no pair" to the loss
+    other = subprocess.run([sys.executable, "-c", "from processing import stable_id; print(stable_id('case-7'))"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert int(other) == ids[7]

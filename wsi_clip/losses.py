@@ -102,7 +102,7 @@ def multi_positive_contrastive_loss(slide_embeds: torch.Tensor, text_embeds: tor
                                     logit_scale: torch.Tensor, case_ids: torch.Tensor,
                                     text_ids: torch.Tensor | None = None, *,
                                     text_to_slide: Literal["soft", "mil_nce"] = "soft",
-                                    normalize: bool = True) -> ContrastiveLossOutput:
+                                    normalize: bool = True, gather: bool = True) -> ContrastiveLossOutput:
     """Symmetric multi-positive contrastive loss on this rank's rows against every rank's columns.
 
     Args:
@@ -112,6 +112,8 @@ def multi_positive_contrastive_loss(slide_embeds: torch.Tensor, text_embeds: tor
         text_ids: optional ``[B]`` int64 ids of the texts; identical texts are positives too.
         text_to_slide: ``"soft"`` (soft-target CE, symmetric) or ``"mil_nce"``.
         normalize: L2-normalise the embeddings first.
+        gather: gather columns from every rank (training); ``False`` treats the inputs as the whole set (e.g. an
+            evaluation set already gathered).
     """
     if slide_embeds.shape != text_embeds.shape or slide_embeds.ndim != 2:
         raise ValueError(f"slide_embeds {tuple(slide_embeds.shape)} and text_embeds {tuple(text_embeds.shape)} "
@@ -121,11 +123,13 @@ def multi_positive_contrastive_loss(slide_embeds: torch.Tensor, text_embeds: tor
     if normalize:
         slide_embeds = F.normalize(slide_embeds, dim=-1)
         text_embeds = F.normalize(text_embeds, dim=-1)
-    world, _ = _world()
-    all_slides = gather_with_grad(slide_embeds)  # [G, E]
-    all_texts = gather_with_grad(text_embeds)  # [G, E]
-    all_cases = gather_no_grad(case_ids)  # [G]
-    all_text_ids = gather_no_grad(text_ids) if text_ids is not None else None
+    world = _world()[0] if gather else 1
+    if world > 1:
+        all_slides, all_texts = gather_with_grad(slide_embeds), gather_with_grad(text_embeds)  # [G, E]
+        all_cases = gather_no_grad(case_ids)  # [G]
+        all_text_ids = gather_no_grad(text_ids) if text_ids is not None else None
+    else:
+        all_slides, all_texts, all_cases, all_text_ids = slide_embeds, text_embeds, case_ids, text_ids
 
     pos = positive_mask(case_ids, all_cases, text_ids, all_text_ids)  # [B, G]
     logits_s2t = logit_scale * slide_embeds @ all_texts.t()  # [B, G]
@@ -136,7 +140,8 @@ def multi_positive_contrastive_loss(slide_embeds: torch.Tensor, text_embeds: tor
     zero = logits_s2t.sum() * 0.0  # keeps the graph (and DDP) happy when no row counts
     local_s2t = torch.where(keep, loss_s2t, torch.zeros_like(loss_s2t)).sum() + zero
     local_t2s = torch.where(keep, loss_t2s, torch.zeros_like(loss_t2s)).sum() + zero
-    count = _all_reduce_sum(keep.sum().to(slide_embeds.device, torch.float32)).clamp_min(1.0)
+    count = keep.sum().to(slide_embeds.device, torch.float32)
+    count = (_all_reduce_sum(count) if world > 1 else count).clamp_min(1.0)
     scale = world / count
     s2t, t2s = local_s2t * scale, local_t2s * scale
     return ContrastiveLossOutput(loss=(s2t + t2s) / 2, slide_to_text=s2t, text_to_slide=t2s,
