@@ -188,7 +188,7 @@ def test_converter_reads_torch_files_and_checks_keys_strictly(tmp_path):
 def _tiny_model(**overrides) -> SlideEncoderModel:
     config = dict(input_dim=24, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   segment_length=[8, 16, 64], dilated_ratio=[1, 2, 4, 8], dropout=0.0, drop_path_rate=0.0,
-                  slide_ngrids=64, ffn_chunk_size=16)
+                  slide_ngrids=64, inference_chunk_size=16)
     config["segment_length"] = [8, 16, 32, 64]
     config.update(overrides)
     torch.manual_seed(0)

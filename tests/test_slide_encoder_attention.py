@@ -170,7 +170,7 @@ def test_gradients_match_upstream_port(length, heads, segments, ratios):
 def _tiny_config(**overrides) -> SlideEncoderConfig:
     base = dict(input_dim=24, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                 segment_length=[8, 16, 64], dilated_ratio=[1, 2, 4], dropout=0.0, drop_path_rate=0.0,
-                slide_ngrids=64, ffn_chunk_size=16)
+                slide_ngrids=64, inference_chunk_size=16)
     base.update(overrides)
     return SlideEncoderConfig(**base)
 

@@ -57,7 +57,8 @@ class SlideEncoderConfig(PretrainedConfig):
             (mean over real tiles; recommended for the released weights, whose CLS token was never trained).
         attention_backend: ``"auto"`` (fused kernels that return the log-sum-exp where available, else chunked
             matmul), ``"fused"`` or ``"chunked"``.
-        ffn_chunk_size: tokens per FFN chunk when no gradient is needed (bounds inference memory; 0 = no chunking).
+        inference_chunk_size: tokens per chunk of the token-wise parts of a layer at inference (eval, no
+            gradient); bounds the FFN temporaries. 0 = no chunking.
         initializer_range: std of the CLS token at random init.
     """
 
@@ -81,7 +82,7 @@ class SlideEncoderConfig(PretrainedConfig):
     head_norm_eps: float = 1e-6
     pooling: str = "cls"
     attention_backend: str = "auto"
-    ffn_chunk_size: int = 1024
+    inference_chunk_size: int = 1024
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):

@@ -113,28 +113,49 @@ def build_zero_shot_classifier(model: torch.nn.Module, processing_class: Any, cl
 @torch.no_grad()
 def encode_dataset(model: torch.nn.Module, dataset: Any, collator: Any, batch_size: int = 8,
                    desc: str = "embedding slides and texts") -> dict[str, torch.Tensor]:
-    """Run a (single-process) model over a dataset: normalised ``slide_embeds`` / ``text_embeds`` ``[N, E]``,
-    ``case_ids`` / ``text_ids`` / ``class_labels`` ``[N]`` and the ``logit_scale`` used by the model."""
+    """Run the model over a dataset: normalised ``slide_embeds`` / ``text_embeds`` ``[N, E]``, ``case_ids`` /
+    ``text_ids`` / ``class_labels`` ``[N]`` and the ``logit_scale`` used by the model.
+
+    Under ``torch.distributed`` each rank embeds the rows ``rank, rank + world, ...`` (no padding) and every rank gets
+    all rows back in dataset order, so the metrics equal a single-process run: nothing duplicated, nothing dropped.
+    """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    indices = list(range(rank, len(dataset), world))
+    shard = dataset.select(indices) if distributed else dataset
     model.eval()
     device = next(model.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collator)
     keys = ("tile_features", "tile_coords", "tile_mask", "input_ids", "attention_mask", "token_type_ids")
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("slide_embeds", "text_embeds", "case_ids", "text_ids",
                                                             "class_labels")}
     scale = None
-    for batch in tqdm(loader, desc=desc, unit="batch"):
-        out = model(**{k: batch[k].to(device) for k in keys if k in batch}, return_dict=True)
-        scale = out.logit_scale
-        parts["slide_embeds"].append(out.slide_embeds.float().cpu())
-        parts["text_embeds"].append(out.text_embeds.float().cpu())
-        for key in ("case_ids", "text_ids", "class_labels"):
-            default = torch.full((out.slide_embeds.shape[0],), -1, dtype=torch.long)
-            parts[key].append(batch.get(key, default).cpu())
-    result = {k: torch.cat(v) for k, v in parts.items()}
-    result["logit_scale"] = scale.float().cpu()
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=rank != 0):
+            out = model(**{k: batch[k].to(device) for k in keys if k in batch}, return_dict=True)
+            scale = out.logit_scale
+            parts["slide_embeds"].append(out.slide_embeds.float().cpu())
+            parts["text_embeds"].append(out.text_embeds.float().cpu())
+            for key in ("case_ids", "text_ids", "class_labels"):
+                default = torch.full((out.slide_embeds.shape[0],), -1, dtype=torch.long)
+                parts[key].append(batch.get(key, default).cpu())
+    if scale is None:  # this rank had no rows (fewer rows than processes)
+        scale = model.scale() if hasattr(model, "scale") else torch.tensor(float("nan"))
+    result = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
+    result["logit_scale"] = scale.detach().float().cpu()
+    if distributed:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (indices, {k: v for k, v in result.items() if k != "logit_scale"}))
+        order = torch.tensor([i for shard_indices, _ in gathered for i in shard_indices])
+        inverse = torch.argsort(order)
+        for key in parts:
+            pieces = [p[key] for _, p in gathered if p[key].numel()]
+            result[key] = torch.cat(pieces)[inverse]
     return result
 
 

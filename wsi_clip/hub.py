@@ -101,6 +101,19 @@ def missing_checkpoint_files(folder: str | Path) -> list[str]:
     return sorted(set(missing))
 
 
+def require_checkpoint_files(folder: str | Path | None) -> None:
+    """Refuse a local checkpoint folder that lacks files (weights, shards, shipped modules) before anything loads.
+
+    ``None`` and Hub ids (no such local folder) pass: they are resolved by ``from_pretrained`` itself.
+    """
+    if folder is None or not Path(folder).expanduser().is_dir():
+        return
+    missing = missing_checkpoint_files(Path(folder).expanduser())
+    if missing:
+        raise CheckpointError(f"{folder}: checkpoint folder is missing {missing}. It was copied or saved incompletely; "
+                              "re-save it with save_pretrained (or copy the whole folder).")
+
+
 def _run_python(code: str, cwd: Path, timeout: int = 600) -> str | None:
     """Run ``code`` in a fresh interpreter; ``None`` on success, else the tail of its error output."""
     proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout,
@@ -238,9 +251,9 @@ def stage_checkpoint(folder: str | Path, output_dir: str | Path, *, repo_id: str
     config = read_checkpoint_config(folder)
     if output_dir.exists():
         shutil.rmtree(output_dir)
-    shutil.copytree(folder, output_dir, ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "rng_state*",
-                                                                      "trainer_state.json", "training_args.bin",
-                                                                      "global_step*", "__pycache__"))
+    shutil.copytree(folder, output_dir, ignore=shutil.ignore_patterns(
+        "optimizer.pt", "scheduler.pt", "rng_state*", "trainer_state.json", "training_args.bin", "training_args.json",
+        "global_step*", "__pycache__", ".checkpoint-staging", "checkpoint-*"))
     metrics: dict[str, Any] = {}
     metrics_path = Path(metrics_file) if metrics_file else folder / "metrics.json"
     if metrics_path.is_file():
@@ -275,4 +288,5 @@ def push_checkpoint(staged: str | Path, repo_id: str, *, private: bool = False, 
 
 
 __all__ = ["CheckpointError", "ValidationReport", "build_model_card", "stage_checkpoint", "validate_checkpoint",
-           "push_checkpoint", "missing_checkpoint_files", "read_checkpoint_config", "load_check_code"]
+           "push_checkpoint", "missing_checkpoint_files", "require_checkpoint_files", "read_checkpoint_config",
+           "load_check_code"]

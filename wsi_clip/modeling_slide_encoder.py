@@ -30,6 +30,30 @@ class SlideInputError(ValueError):
     """The tiles given to the slide encoder violate its input contract (shapes, dtypes, coordinate frame)."""
 
 
+class SlideCheckpointError(ValueError):
+    """A slide-tower checkpoint's weights do not match its config (missing, unexpected or reshaped keys)."""
+
+
+def from_pretrained_strict(model_class: type, path: str, **kwargs) -> PreTrainedModel:
+    """``model_class.from_pretrained(path)`` that refuses missing, unexpected or mismatched weights.
+
+    ``from_pretrained`` only warns about them, leaving random weights in place (a converted checkpoint with renamed
+    or extra keys would then train or embed silently from noise).
+    """
+    model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    problems = {k: sorted(str(x) for x in info.get(k) or ()) for k in ("missing_keys", "unexpected_keys",
+                                                                       "mismatched_keys")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        listed = "; ".join(f"{k.replace('_', ' ')} ({len(v)}): {', '.join(v[:8])}{' ...' if len(v) > 8 else ''}"
+                           for k, v in problems.items())
+        raise SlideCheckpointError(f"{path}: the weights do not match {model_class.__name__} as configured by its "
+                                   f"config.json: {listed}. Fix: re-convert the original checkpoint with "
+                                   "scripts/convert_gigapath.py (it checks every key), or re-save the model with "
+                                   "save_pretrained; do not edit the weight files by hand.")
+    return model
+
+
 @dataclass
 class SlideEncoderOutput(ModelOutput):
     """Outputs of :class:`SlideEncoderModel` (B slides, N tile slots, D = hidden_size, H heads).
@@ -124,7 +148,7 @@ class SlideEncoderLayer(GradientCheckpointingLayer):
         depth = config.num_hidden_layers
         rate = config.drop_path_rate * layer_idx / (depth - 1) if depth > 1 else 0.0  # np.linspace(0, r, depth)[i]
         self.drop_path = DropPath(rate)
-        self.chunk_size = config.ffn_chunk_size
+        self.chunk_size = config.inference_chunk_size
 
     def _qkv(self, hidden: Tensor) -> Tensor:
         return self.self_attn.project_qkv(self.self_attn_layer_norm(hidden))
@@ -138,7 +162,7 @@ class SlideEncoderLayer(GradientCheckpointingLayer):
         """hidden_states ``[B, Lmax, D]``, slide ``b``'s real tokens first (``lengths[b]`` of them; ``None``: all).
 
         With a ``workspace`` (inference: eval mode, no gradient) the token-wise parts run in chunks of
-        ``ffn_chunk_size`` tokens, ``hidden_states`` is updated **in place** and scratch buffers are reused
+        ``inference_chunk_size`` tokens, ``hidden_states`` is updated **in place** and scratch buffers are reused
         across layers, which bounds memory and avoids page-faulting fresh buffers on every layer.
         """
         batch, max_len, dim = hidden_states.shape
@@ -379,4 +403,4 @@ def _unsort(x: Tensor, order: Tensor, dim: int) -> Tensor:
 
 
 __all__ = ["SlideEncoderModel", "SlideEncoderPreTrainedModel", "SlideEncoderOutput", "SlideEncoderLayer",
-           "SlideInputError", "sincos_2d_position_embedding"]
+           "SlideInputError", "SlideCheckpointError", "from_pretrained_strict", "sincos_2d_position_embedding"]

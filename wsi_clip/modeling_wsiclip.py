@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput
 from .configuration_wsiclip import SLIDE_TOWERS, WSIClipConfig, slide_output_dim, slide_tower_name
 from .losses import multi_positive_contrastive_loss
 from .mil_pooling import ABMILModel, MeanPoolingModel
-from .modeling_slide_encoder import SlideEncoderModel
+from .modeling_slide_encoder import SlideEncoderModel, from_pretrained_strict
 
 SLIDE_TOWER_MODELS: dict[str, type[PreTrainedModel]] = {
     "slide_encoder": SlideEncoderModel,
@@ -345,13 +345,13 @@ def _load_slide_tower(path: str) -> PreTrainedModel:
     config_dict, _ = PretrainedConfig.get_config_dict(path)
     model_type = config_dict.get("model_type")
     if model_type == WSIClipConfig.model_type:
-        return WSIClipModel.from_pretrained(path).slide_model
+        return from_pretrained_strict(WSIClipModel, path).slide_model
     name = slide_tower_name(config_dict)
     if name is None:
         raise ValueError(f"{path}: config.json has model_type {model_type!r}; a slide tower must be a "
                          "'wsi_slide_encoder' (e.g. a converted Prov-GigaPath encoder), 'wsi_abmil', "
                          "'wsi_mean_pool' or a 'wsi_clip' checkpoint.")
-    return SLIDE_TOWER_MODELS[name].from_pretrained(path)
+    return from_pretrained_strict(SLIDE_TOWER_MODELS[name], path)  # a converted tower must match key for key
 
 
 __all__ = ["WSIClipModel", "WSIClipPreTrainedModel", "WSIClipOutput", "WSIClipSlideOutput", "SLIDE_TOWER_MODELS"]

@@ -16,6 +16,8 @@ What it changes and why:
   computed on the whole set: slide→text and text→slide Recall@1/5/10 and mAP, the batch-independent contrastive
   ``loss`` and, with ``class_prompts`` and a ``label`` column, zero-shot accuracy / balanced accuracy / weighted F1
   / macro AUROC. They are logged like any Trainer metric (``eval_*``; TensorBoard when installed).
+* **checkpoints**: written atomically and resumable with ``resume_from_checkpoint="auto"``
+  (:class:`~wsi_clip.checkpointing.ResumableTrainerMixin`).
 * **sampling**: ``sample_by="case"`` packs whole cases into each batch (:class:`~wsi_clip.data.CaseGroupedSampler`);
   ``"slide"`` is the Trainer's random sampler.
 """
@@ -31,6 +33,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import EvalPrediction
 
+from .checkpointing import ResumableTrainerMixin
 from .data import SAMPLE_BY, CaseGroupedSampler, WSIClipCollator
 from .evaluation import (ClassPrompts, build_zero_shot_classifier, classification_metrics, contrastive_loss_full,
                          load_class_prompts, retrieval_metrics, zero_shot_scores)
@@ -64,7 +67,7 @@ class LogitScaleClampCallback(TrainerCallback):
         return control
 
 
-class WSIClipTrainer(Trainer):
+class WSIClipTrainer(ResumableTrainerMixin, Trainer):
     """``Trainer`` for :class:`~wsi_clip.modeling_wsiclip.WSIClipModel` (see the module docstring).
 
     Args (besides the ``Trainer`` ones):
