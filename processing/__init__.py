@@ -25,6 +25,9 @@ _LAZY = {
     "preflight_check": "preflight",
     "inspect_slide": "preflight",
     "PreflightReport": "preflight",
+    "preflight_dataset": "preflight",
+    "slide_contract": "preflight",
+    "common_feature_dim": "preflight",
 }
 
 

@@ -27,13 +27,29 @@ def stable_id(value: Any) -> int:
 
 @dataclass
 class _SlideBatcher:
+    """Lazy slide reading shared by the collators.
+
+    With ``seed`` set, each row's random tiles are drawn from ``(seed, epoch, row, h5_path)`` rather than torch's
+    global RNG: the same tiles whatever the DataLoader worker, the number of processes, or a resume from a
+    checkpoint (the trainers' ``ResumableTrainerMixin`` sets ``epoch``). ``seed=None`` uses the global RNG.
+    """
+
     processor: WSIProcessor
     max_tiles: int | None = None
     tile_sampling: str | None = None
+    seed: int | None = None
+    epoch: int = 0
+
+    def row_seed(self, row: dict[str, Any]) -> int | None:
+        """The tile-sampling seed of ``row`` in the current epoch (``None`` without a collator seed)."""
+        if self.seed is None:
+            return None
+        return stable_id(f"{self.seed}/{self.epoch}/{row.get('row', '')}/{row['h5_path']}")
 
     def _slides(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         slides = [self.processor.load_slide(row["h5_path"], max_tiles=self.max_tiles,
-                                            tile_sampling=self.tile_sampling) for row in rows]
+                                            tile_sampling=self.tile_sampling, seed=self.row_seed(row))
+                  for row in rows]
         return self.processor.pad_slides(slides)
 
 
@@ -69,15 +85,18 @@ class InstructionCollator(_SlideBatcher):
 
     max_length: int | None = None
 
+    def example(self, row: dict[str, Any]) -> dict[str, list[int]]:
+        """Token ids + labels of one row; :class:`~processing.errors.PromptError` naming the file and annotation row
+        when the placeholder is missing or truncation drops it or the answer (the pre-flight calls this too)."""
+        conversation = row.get("conversations") or [
+            {"role": "user", "content": str(row["question"])},
+            {"role": "assistant", "content": str(row["answer"])}]
+        source = f"{row.get('h5_path', '?')} (annotation row {row.get('row', '?')})"
+        return self.processor.build_instruction_example(conversation, self.max_length, source)
+
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self._slides(rows)
-        examples = []
-        for row in rows:
-            conversation = row.get("conversations") or [
-                {"role": "user", "content": str(row["question"])},
-                {"role": "assistant", "content": str(row["answer"])}]
-            source = f"{row.get('h5_path', '?')} (annotation row {row.get('row', '?')})"
-            examples.append(self.processor.build_instruction_example(conversation, self.max_length, source))
+        examples = [self.example(row) for row in rows]
         tokenizer = self.processor.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         length = max(len(e["input_ids"]) for e in examples)

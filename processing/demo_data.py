@@ -23,6 +23,7 @@ Output layout (``output_dir``)::
     train.csv, validation.csv, test.csv   the same rows, one file per split
     llava_caption_<split>.json            LLaVA conversations: caption / report generation (stage 2)
     llava_instruct_<split>.json           LLaVA conversations: multiple-choice VQA, single and multi-turn
+    llava_diagnosis_<split>.json          LLaVA conversations: the slide-grounded closed "which tumour type" question
     class_prompts.json                    zero-shot class names → prompts, and templates
     lesion_tiles.json                     per slide: label and the (x, y) coords of the planted lesion tiles
     demo_info.json                        generator parameters and a per-slide summary
@@ -492,9 +493,24 @@ def _write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
+def diagnosis_question(classes: Sequence[str]) -> str:
+    """The slide-grounded closed question of the demo: which class, options in a fixed order (A = first class).
+
+    The real VQA texts ask about grades, stages or markers that synthetic features cannot show; this question's
+    answer is exactly the planted class signal, so accuracy above the blind baselines proves the model reads the
+    slide.
+    """
+    options = "\n".join(f"{chr(ord('A') + i)}) {CLASS_PROMPTS[c][0]}" for i, c in enumerate(classes))
+    return f"Which tumour type does this whole slide image show?\n{options}"
+
+
 def _llava_records(cases: list[_Case]) -> dict[str, list[dict[str, Any]]]:
-    """LLaVA-style records per slide: caption/report generation, and VQA (multi-turn for every other case)."""
-    caption, instruct = [], []
+    """LLaVA-style records per slide: caption/report generation, VQA (multi-turn for every other case), and the
+    slide-grounded diagnosis question (:func:`diagnosis_question`)."""
+    classes = sorted({case.text.label for case in cases}, key=lambda c: list(CLASS_PROMPTS).index(c)
+                     if c in CLASS_PROMPTS else len(CLASS_PROMPTS))
+    question = diagnosis_question(classes)
+    caption, instruct, diagnosis = [], [], []
     for case in cases:
         text = case.text
         for slide_id in case.slide_ids:
@@ -502,6 +518,9 @@ def _llava_records(cases: list[_Case]) -> dict[str, list[dict[str, Any]]]:
                     "label": text.label, "dataset": text.dataset, "split": case.split}
             caption.append({"id": f"{slide_id}-caption", **meta,
                             "conversations": _conversation(text.caption_question, text.caption, first=True)})
+            letter = chr(ord("A") + classes.index(text.label))
+            diagnosis.append({"id": f"{slide_id}-diagnosis", **meta,
+                              "conversations": _conversation(question, letter, first=True)})
             if len(text.questions) > 1 and case.case_index % 2 == 0:
                 turns = [t for k, q in enumerate(text.questions) for t in _conversation(q.prompt(), q.answer,
                                                                                          first=k == 0)]
@@ -510,7 +529,7 @@ def _llava_records(cases: list[_Case]) -> dict[str, list[dict[str, Any]]]:
                 instruct.extend({"id": f"{slide_id}-vqa-{k}", **meta,
                                  "conversations": _conversation(q.prompt(), q.answer, first=True)}
                                 for k, q in enumerate(text.questions))
-    return {"caption": caption, "instruct": instruct}
+    return {"caption": caption, "instruct": instruct, "diagnosis": diagnosis}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

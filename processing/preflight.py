@@ -12,7 +12,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -103,7 +103,8 @@ class PreflightReport:
 def preflight_check(rows: Iterable[dict[str, Any]] | Any, *, feature_dim: int | None = None,
                     tile_size: int | None = None, slide_ngrids: int | None = None,
                     require_case_id: bool = False, check_values: bool = True, skip_bad_samples: bool = False,
-                    source: str = "dataset", progress: bool = True) -> PreflightReport:
+                    source: str = "dataset", progress: bool = True,
+                    row_check: Callable[[dict[str, Any]], Any] | None = None) -> PreflightReport:
     """Check every row's slide (each distinct file once) before training; raise or skip.
 
     Args:
@@ -113,6 +114,8 @@ def preflight_check(rows: Iterable[dict[str, Any]] | Any, *, feature_dim: int | 
         require_case_id: the loss groups by case: rows without a ``case_id`` are errors.
         check_values: also scan feature values for NaN/Inf (reads every file once, in bounded chunks).
         skip_bad_samples: drop bad rows (logged and counted) instead of raising.
+        row_check: called on every row; a :class:`WSIDataError` it raises (e.g. a prompt that cannot be built)
+            makes the row bad like a broken slide does.
 
     Raises:
         WSIDataError: listing every bad row, unless ``skip_bad_samples``.
@@ -138,6 +141,11 @@ def preflight_check(rows: Iterable[dict[str, Any]] | Any, *, feature_dim: int | 
         tiles, error = verdicts[path]
         if error:
             problems.append(error)
+        if row_check is not None:
+            try:
+                row_check(row)
+            except WSIDataError as err:
+                problems.append(str(err))
         if problems:
             report.problems.append(f"{label}: " + "; ".join(problems))
         else:
@@ -158,4 +166,47 @@ def preflight_check(rows: Iterable[dict[str, Any]] | Any, *, feature_dim: int | 
     return report
 
 
-__all__ = ["preflight_check", "inspect_slide", "check_grid", "PreflightReport"]
+def slide_contract(slide_config: Any) -> dict[str, int | None]:
+    """The input contract of a slide tower config for :func:`preflight_check`: ``feature_dim`` (``input_dim``) and,
+    for towers with a position grid (the LongNet slide encoder), ``tile_size`` and ``slide_ngrids``."""
+    grid = getattr(slide_config, "tile_size", None), getattr(slide_config, "slide_ngrids", None)
+    return {"feature_dim": getattr(slide_config, "input_dim", None),
+            "tile_size": grid[0] if None not in grid else None, "slide_ngrids": grid[1] if None not in grid else None}
+
+
+def common_feature_dim(paths: Iterable[str | Path], limit: int = 32) -> int:
+    """The most frequent tile-feature dimension among the first ``limit`` readable slide files (metadata only).
+
+    Sizes a new slide tower from the data without trusting the first row alone (it may be the one broken file).
+    """
+    dims: dict[int, int] = {}
+    first_error: WSIDataError | None = None
+    for path in list(dict.fromkeys(str(p) for p in paths))[:limit]:
+        try:
+            with _open(Path(path)) as f:
+                dim = int(_features_dataset(f, Path(path)).shape[1])
+        except WSIDataError as err:
+            first_error = first_error or err
+            continue
+        dims[dim] = dims.get(dim, 0) + 1
+    if not dims:
+        raise first_error or WSIDataError("no slide files to infer the tile feature dimension from.")
+    return max(dims, key=dims.get)
+
+
+def preflight_dataset(dataset: Any, *, source: str, skip_bad_samples: bool = False, **checks: Any) -> Any:
+    """:func:`preflight_check` over a ``datasets.Dataset``; returns it without the bad rows when skipping.
+
+    The training scripts call this before building the Trainer, so every problem surfaces before step 1; with
+    ``skip_bad_samples`` the skipped rows are logged (each with its reason) and counted.
+    """
+    report = preflight_check(dataset, source=source, skip_bad_samples=skip_bad_samples, **checks)
+    if report.num_skipped:
+        logger.warning("%s: skipped %d of %d row(s) that failed the pre-flight check (--skip_bad_samples)", source,
+                       report.num_skipped, report.num_rows)
+        dataset = dataset.select(report.kept_rows)
+    return dataset
+
+
+__all__ = ["preflight_check", "preflight_dataset", "inspect_slide", "check_grid", "slide_contract",
+           "common_feature_dim", "PreflightReport"]

@@ -11,6 +11,11 @@
   one of them is a correct answer, and identical texts are ranked once.
 
 Prints a table and writes the metrics as JSON (``--output``; default ``<model>/eval_<data stem>[_<split>].json``).
+
+Several processes split the slides between them (each rank embeds every world-size-th row, no padding) and give
+exactly the single-process metrics::
+
+    torchrun --nproc_per_node 8 scripts/evaluate_clip.py --model ... --data ...
 """
 
 from __future__ import annotations
@@ -59,6 +64,25 @@ def load_model_and_processor(path: str, device: str):
     return model, processor
 
 
+def init_distributed(device: str | None) -> tuple[str, bool]:
+    """Join the process group when launched by torchrun / accelerate (``WORLD_SIZE`` > 1); returns the device of
+    this rank and whether it is the main process."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device or ("cuda" if torch.cuda.is_available() else "cpu"), True
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return (f"cuda:{local_rank}" if use_cuda else "cpu"), dist.get_rank() == 0
+
+
 def evaluate(args: EvaluationArguments) -> dict[str, float]:
     import torch
 
@@ -68,7 +92,10 @@ def evaluate(args: EvaluationArguments) -> dict[str, float]:
                                      encode_dataset, format_table, load_class_prompts, retrieval_metrics,
                                      zero_shot_scores)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from wsi_clip.hub import require_checkpoint_files
+
+    device, is_main = init_distributed(args.device)
+    require_checkpoint_files(args.model)
     model, processor = load_model_and_processor(args.model, device)
     dataset = load_annotations(args.data, "clip", h5_root=args.h5_root, split=args.split)
     prompts = load_class_prompts(args.classes) if args.classes else None
@@ -94,6 +121,8 @@ def evaluate(args: EvaluationArguments) -> dict[str, float]:
         if unknown:
             metrics["zero_shot_unlabelled_slides"] = float(unknown)
 
+    if not is_main:
+        return metrics
     title = f"WSI-CLIP {args.model} on {args.data}" + (f" [{args.split}]" if args.split else "")
     print(format_table(metrics, title))
     stem = Path(args.data).stem + (f"_{args.split}" if args.split else "")
@@ -107,7 +136,14 @@ def evaluate(args: EvaluationArguments) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    return evaluate(args)
+    try:
+        return evaluate(args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from transformers import HfArgumentParser
 
 import wsi_llava  # noqa: F401  (registers the model classes)
 from processing import load_annotations
+from wsi_clip.hub import require_checkpoint_files
 from wsi_llava import WSILlavaForConditionalGeneration, generate_answers
 from wsi_llava.evaluation import evaluation_items, parse_letter, parse_yes_no, question_options, summarize
 
@@ -79,11 +80,13 @@ def load_items(args: EvalArguments, path: str) -> list[dict[str, Any]]:
         if records is not None:
             root = Path(args.h5_root or source.parent)
             for r in records:
-                r["h5_path"] = str(root / f"{r['slide_id']}{args.slide_suffix}")
+                r["h5_path"] = f"{r['slide_id']}{args.slide_suffix}"  # resolved against (and confined to) root
             with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, encoding="utf-8") as fh:
                 json.dump(records, fh)
-            dataset = load_annotations(fh.name, "llava")
-            Path(fh.name).unlink()
+            try:
+                dataset = load_annotations(fh.name, "llava", h5_root=root)  # Slide ids may not escape h5_root
+            finally:
+                Path(fh.name).unlink()
             return evaluation_items(dataset)
     dataset = load_annotations(path, "llava", h5_root=args.h5_root, split=args.split)
     return evaluation_items(dataset)
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    require_checkpoint_files(args.model)
     model = WSILlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
     if args.adapter:
         from peft import PeftModel

@@ -93,7 +93,13 @@ class DataArguments:
         "help": "JSON/YAML zero-shot prompts ({'classnames': {label: [names]}, 'templates': [...]}); with a 'label' "
                 "column, evaluation reports zero-shot balanced accuracy."})
     skip_bad_samples: bool = field(default=False, metadata={
-        "help": "Drop annotation rows with missing files or empty captions (with a warning) instead of failing."})
+        "help": "Drop rows that fail the checks (missing / broken H5, wrong feature dim, coordinates off the position "
+                "grid, NaN features, empty captions, missing case ids) with a logged count instead of failing."})
+    require_case_id: bool | None = field(default=None, metadata={
+        "help": "Every row must have a case_id (the loss treats slides of one case as positives). Default: true "
+                "with sample_by=case, else false (a missing case_id means the slide is its own case)."})
+    check_feature_values: bool = field(default=True, metadata={
+        "help": "Pre-flight: also scan every slide's features for NaN/Inf (reads each file once)."})
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
@@ -101,8 +107,10 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """``[config.yaml|json] [--flag value ...]``: the file's keys become defaults, CLI flags override them."""
+    from wsi_clip.checkpointing import normalize_resume_argv
+
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = normalize_resume_argv(sys.argv[1:] if argv is None else argv)  # a bare --resume_from_checkpoint: auto
     if argv and not argv[0].startswith("-"):
         path = Path(argv.pop(0))
         if not path.is_file():
@@ -171,7 +179,8 @@ def _no_cap(value: int | None) -> int | None:
 
 
 def build_model(model_args: ModelArguments, feature_dim: int):
-    """A new WSI-CLIP from towers, or a checkpoint to continue from; then the requested towers frozen."""
+    """A new WSI-CLIP from towers (a new slide tower takes ``feature_dim`` inputs), or a checkpoint to continue from;
+    then the requested towers frozen. Slides that do not fit the tower are reported by the pre-flight check."""
     from wsi_clip import WSIClipModel
 
     if model_args.model_name_or_path:
@@ -192,10 +201,6 @@ def build_model(model_args: ModelArguments, feature_dim: int):
             text_to_slide_loss=model_args.text_to_slide_loss,
             text_model_kwargs={"attn_implementation": model_args.text_attn_implementation}
             if model_args.text_attn_implementation else None)
-    input_dim = model.config.slide_config.input_dim
-    if input_dim != feature_dim:
-        raise ValueError(f"the slide tower expects {input_dim}-d tile features but the training slides have "
-                         f"{feature_dim}-d features; use features from the matching tile encoder or a new tower.")
     model.freeze(slide_model=model_args.freeze_slide_encoder, text_model=model_args.freeze_text_model)
     return model
 
@@ -208,26 +213,42 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     transformers.utils.logging.set_verbosity(log_level)
 
     import wsi_clip  # noqa: F401  (registers the model, config and processor with the Auto classes)
-    from processing import WSIProcessor, load_annotations, read_slide
+    from processing import WSIProcessor, load_annotations
     from wsi_clip.data import WSIClipCollator
     from wsi_clip.evaluation import load_class_prompts
     from wsi_clip.trainer import WSIClipTrainer
 
+    from processing import common_feature_dim, preflight_dataset, slide_contract
+    from wsi_clip.hub import require_checkpoint_files
+
     on_error = "skip" if data_args.skip_bad_samples else "raise"
+    require_case_id = data_args.require_case_id if data_args.require_case_id is not None \
+        else data_args.sample_by == "case"
     train_dataset = load_annotations(data_args.train_file, "clip", h5_root=data_args.h5_root,
-                                     split=data_args.train_split, on_error=on_error)
+                                     split=data_args.train_split, on_error=on_error, require_case_id=require_case_id)
     eval_dataset = None
     if data_args.validation_file or data_args.validation_split:
         eval_dataset = load_annotations(data_args.validation_file or data_args.train_file, "clip",
                                         h5_root=data_args.h5_root, split=data_args.validation_split,
                                         on_error=on_error)
-    feature_dim = read_slide(train_dataset[0]["h5_path"], max_tiles=1).feature_dim
-    logger.info("training on %d slides (%d cases), evaluating on %s; %d-d tile features", len(train_dataset),
-                len(set(train_dataset["case_id"])), len(eval_dataset) if eval_dataset is not None else "none",
-                feature_dim)
+    for local in (model_args.model_name_or_path, model_args.slide_encoder_name_or_path):
+        require_checkpoint_files(resolve_pretrained_path(local))
+    feature_dim = common_feature_dim(train_dataset["h5_path"])  # sizes a new slide tower
 
     set_seed(training_args.seed)
     model = build_model(model_args, feature_dim)
+    # pre-flight: every slide against the tower's input contract (dimension, position grid), before any step
+    checks = dict(slide_contract(model.config.slide_config), check_values=data_args.check_feature_values,
+                  skip_bad_samples=data_args.skip_bad_samples)
+    train_dataset = preflight_dataset(train_dataset, source=data_args.train_file, require_case_id=require_case_id,
+                                      **checks)
+    if eval_dataset is not None:
+        eval_dataset = preflight_dataset(eval_dataset, source=data_args.validation_file or data_args.train_file,
+                                         **checks)
+    feature_dim = model.config.slide_config.input_dim
+    logger.info("training on %d slides (%d cases), evaluating on %s; %d-d tile features", len(train_dataset),
+                len(set(train_dataset["case_id"])), len(eval_dataset) if eval_dataset is not None else "none",
+                feature_dim)
     tokenizer_source = resolve_pretrained_path(model_args.tokenizer_name_or_path or model_args.model_name_or_path
                                                or model_args.text_model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
@@ -236,8 +257,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                              max_length=data_args.text_max_length)
     class_prompts = load_class_prompts(data_args.class_prompts) if data_args.class_prompts else None
     class_names = class_prompts.labels if class_prompts is not None else None
+    data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     train_collator = WSIClipCollator(processor, max_tiles=_no_cap(data_args.max_tiles),
-                                     tile_sampling=data_args.tile_sampling, text_max_length=data_args.text_max_length)
+                                     tile_sampling=data_args.tile_sampling, text_max_length=data_args.text_max_length,
+                                     seed=data_seed)
     eval_collator = WSIClipCollator(processor, max_tiles=eval_max_tiles, tile_sampling="uniform",
                                     text_max_length=data_args.text_max_length, class_names=class_names)
 

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser, set_seed
 
-from processing import InstructionCollator, load_annotations
+from processing import InstructionCollator, load_annotations, preflight_dataset, slide_contract
+from wsi_clip.checkpointing import normalize_resume_argv
+from wsi_clip.hub import require_checkpoint_files
 from wsi_llava.training import (DataArguments, LlavaTrainingArguments, ModelArguments, WSILlavaTrainer,
                                 build_model_and_processor, calibrate_gamma, count_parameters, prepare_stage,
                                 projector_gamma)
@@ -58,6 +61,7 @@ def config_to_argv(path: str) -> list[str]:
 
 
 def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, LlavaTrainingArguments]:
+    argv = normalize_resume_argv(argv)  # a bare --resume_from_checkpoint means "auto"
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--stage", type=int, choices=(2, 3), default=None)
     known, rest = pre.parse_known_args(argv)
@@ -76,18 +80,31 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, LlavaTraining
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, args = parse(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if args.should_log else logging.WARNING)
     set_seed(args.seed)
-    train = load_annotations(data_args.train_file, "llava", h5_root=data_args.h5_root, split=data_args.train_split)
+    on_error = "skip" if data_args.skip_bad_samples else "raise"
+    train = load_annotations(data_args.train_file, "llava", h5_root=data_args.h5_root, split=data_args.train_split,
+                             on_error=on_error)
     if data_args.max_train_samples:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     evaluation = None
     if data_args.eval_file:
         evaluation = load_annotations(data_args.eval_file, "llava", h5_root=data_args.h5_root,
-                                      split=data_args.eval_split)
+                                      split=data_args.eval_split, on_error=on_error)
+    for local in (model_args.model_name_or_path, model_args.vision_tower, model_args.projector_path):
+        require_checkpoint_files(local)
     texts = [t["content"] for row in train for t in row["conversations"]]
     model, processor, fresh = build_model_and_processor(model_args, data_args, texts)
     collator = InstructionCollator(processor, max_tiles=data_args.max_tiles, tile_sampling=data_args.tile_sampling,
-                                   max_length=data_args.max_length)
+                                   max_length=data_args.max_length, seed=args.data_seed if args.data_seed is not None
+                                   else args.seed)
+    # pre-flight: every slide against the tower's input contract and every prompt, before any training step
+    checks = dict(slide_contract(model.config.vision_config), check_values=data_args.check_feature_values,
+                  skip_bad_samples=data_args.skip_bad_samples, row_check=collator.example)
+    train = preflight_dataset(train, source=data_args.train_file, **checks)
+    if evaluation is not None:
+        evaluation = preflight_dataset(evaluation, source=data_args.eval_file, **checks)
     if fresh and model_args.calibrate_gamma:
         gamma = calibrate_gamma(model, collator([train[i] for i in range(min(len(train), 4))]))
         print(f"[train_llava] gamma calibrated on real tower outputs: {gamma:.4g}")

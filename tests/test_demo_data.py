@@ -224,3 +224,18 @@ def test_annotation_files_load_with_the_package_loader(demo):
     assert len(clip) == summary["slides_per_split"]["train"] and "label" in clip.column_names
     llava = load_annotations(out / "llava_instruct_validation.json", "llava")
     assert all(Path(p).is_file() for p in llava["h5_path"])
+
+
+def test_diagnosis_questions_are_grounded_in_the_planted_class(tmp_path):
+    from processing.demo_data import CLASS_PROMPTS, make_demo_dataset
+
+    out = make_demo_dataset(tmp_path / "d", num_cases=12, feature_dim=8, min_tiles=20, max_tiles=40)
+    records = json.loads(Path(out["llava"]["diagnosis"]["train"]).read_text())
+    assert records and all(r["split"] == "train" for r in records)
+    classes = list(CLASS_PROMPTS)
+    for r in records:
+        human, gpt = r["conversations"]
+        assert human["value"].startswith("<image>\nWhich tumour type")
+        letter = gpt["value"]
+        assert f"{letter}) {CLASS_PROMPTS[r['label']][0]}" in human["value"]
+        assert letter == "ABCD"[classes.index(r["label"])]

@@ -31,9 +31,9 @@ from .configuration_wsillava import WSILlavaConfig
 from .token_selection import TokenSelectionInputs, get_token_selector, run_token_selector
 
 try:  # in-process: one class identity with the wsi_clip package
-    from wsi_clip.modeling_slide_encoder import SlideEncoderModel
+    from wsi_clip.modeling_slide_encoder import SlideEncoderModel, from_pretrained_strict
 except ImportError:  # remote code: the copied sibling
-    from .modeling_slide_encoder import SlideEncoderModel
+    from .modeling_slide_encoder import SlideEncoderModel, from_pretrained_strict
 
 SLIDE_INPUT_NAMES = ("tile_features", "tile_coords", "tile_mask", "token_selection", "token_selection_kwargs",
                      "question_embedding")
@@ -454,7 +454,7 @@ def load_slide_tower(source: str | os.PathLike | nn.Module, **hub_kwargs: Any) -
     with open(cached_file(source, "config.json", **hub_kwargs), encoding="utf-8") as fh:
         config = json.load(fh)
     if config.get("model_type") == SLIDE_ENCODER_MODEL_TYPE:
-        return SlideEncoderModel.from_pretrained(source, **hub_kwargs)
+        return from_pretrained_strict(SlideEncoderModel, source, **hub_kwargs)
     sub = [(k, v) for k, v in config.items() if isinstance(v, dict) and v.get("model_type") == SLIDE_ENCODER_MODEL_TYPE]
     if not sub:
         raise ValueError(f"{source}/config.json (model_type {config.get('model_type')!r}) has no slide-encoder "

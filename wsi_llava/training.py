@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from processing.processing_wsi import WSIProcessor
+from wsi_clip.checkpointing import ResumableTrainerMixin
 
 from .configuration_wsillava import WSILlavaConfig
 from .modeling_wsillava import WSILlavaForConditionalGeneration
@@ -83,6 +84,11 @@ class DataArguments:
     max_length: int | None = field(default=None, metadata={
         "help": "Text token limit per example (the visual tokens come on top)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    skip_bad_samples: bool = field(default=False, metadata={
+        "help": "Drop rows with a missing / broken slide, empty texts or prompts that cannot be built (logged and "
+                "counted) instead of failing the pre-flight check."})
+    check_feature_values: bool = field(default=True, metadata={
+        "help": "Pre-flight: also scan every slide's features for NaN/Inf (reads each file once)."})
 
 
 @dataclass
@@ -244,20 +250,31 @@ def load_projector(model: WSILlavaForConditionalGeneration, source: str) -> None
 
 
 # ------------------------------------------------------------------------------------------------ stages
+class LoraTargetError(ValueError):
+    """``lora_target_modules`` matches no layer of the language model, or layers outside it."""
+
+
 def check_lora_targets(model: nn.Module, pattern: str) -> list[str]:
     """Module names fully matched by ``pattern``; refuses patterns that match nothing or anything outside the LM."""
     if pattern.strip() == "all-linear":
-        raise ValueError("lora_target_modules='all-linear' would put LoRA on the slide tower and the projector too; "
-                         "use a regex limited to the language model, e.g. " + DEFAULT_LORA_TARGETS)
-    regex = re.compile(pattern)
+        raise LoraTargetError("lora_target_modules='all-linear' would put LoRA on the slide tower and the projector "
+                              "too; use a regex limited to the language model, e.g. " + DEFAULT_LORA_TARGETS)
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise LoraTargetError(f"lora_target_modules {pattern!r} is not a valid regex ({err}).") from err
     names = [n for n, m in model.named_modules() if regex.fullmatch(n) and isinstance(m, nn.Linear)]
     if not names:
-        raise ValueError(f"lora_target_modules regex {pattern!r} matches no linear layer; module names look like "
-                         "'model.language_model.layers.0.self_attn.q_proj' (adapt the regex to your LM).")
+        example = next((n for n, m in model.named_modules()
+                        if n.startswith("model.language_model.") and isinstance(m, nn.Linear)), "")
+        raise LoraTargetError(f"lora_target_modules regex {pattern!r} matches no linear layer (it must match full "
+                              f"module names, e.g. {example!r}). Fix: adapt the regex to your LM's layer names, "
+                              f"e.g. the default {DEFAULT_LORA_TARGETS!r}.")
     outside = [n for n in names if not n.startswith("model.language_model.")]
     if outside:
-        raise ValueError(f"lora_target_modules regex {pattern!r} also matches modules outside the language model: "
-                         f"{outside[:5]}; restrict it to 'model\\.language_model\\..*'.")
+        raise LoraTargetError(f"lora_target_modules regex {pattern!r} also matches modules outside the language "
+                              f"model (slide tower / projector): {outside[:5]}. Fix: restrict it to "
+                              "'model\\.language_model\\..*'.")
     return names
 
 
@@ -293,9 +310,9 @@ def projector_gamma(model: nn.Module) -> float | None:
     return float(trained[0].detach().float())
 
 
-class WSILlavaTrainer(Trainer):
-    """HF Trainer for WSI-LLaVA: projector learning rate of its own, ``gamma`` without weight decay, and the
-    projector's ``gamma`` plus the mean visual tokens per slide in every log."""
+class WSILlavaTrainer(ResumableTrainerMixin, Trainer):
+    """HF Trainer for WSI-LLaVA: projector learning rate of its own, ``gamma`` without weight decay, the projector's
+    ``gamma`` plus the mean visual tokens per slide in every log, and atomic, auto-resumable checkpoints."""
 
     def __init__(self, *args: Any, projector_lr: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -369,6 +386,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-__all__ = ["ModelArguments", "DataArguments", "LlavaTrainingArguments", "WSILlavaTrainer", "build_model_and_processor",
-           "prepare_stage", "check_lora_targets", "projector_gamma", "calibrate_gamma", "merge_adapter",
-           "load_projector", "build_word_tokenizer", "parse_mapping", "count_parameters", "DEFAULT_LORA_TARGETS"]
+__all__ = ["ModelArguments", "DataArguments", "LlavaTrainingArguments", "WSILlavaTrainer",
+           "build_model_and_processor", "prepare_stage", "check_lora_targets", "LoraTargetError", "projector_gamma",
+           "calibrate_gamma", "merge_adapter", "load_projector", "build_word_tokenizer", "parse_mapping",
+           "count_parameters", "DEFAULT_LORA_TARGETS"]
