@@ -139,7 +139,7 @@ def draw_heatmaps(out: Path, clip_dir: Path, llava_dir: Path, data: Path, num_sl
     import wsi_clip  # noqa: F401  (registers the Auto classes)
     import wsi_llava  # noqa: F401
     from processing import WSIProcessor, load_annotations
-    from wsi_clip.heatmaps import render_tile_heatmap
+    from wsi_clip.heatmaps import render_tile_heatmap, selected_tiles, tile_attention, tile_text_similarity
     from transformers import AutoModel, AutoModelForImageTextToText
 
     figures: list[Path] = []
@@ -160,22 +160,15 @@ def draw_heatmaps(out: Path, clip_dir: Path, llava_dir: Path, data: Path, num_sl
         figures.append(render_tile_heatmap(coords[0], None, heat_dir / f"{slide_id}_lesion.png", tile_size=tile_size,
                                            kept=truth, kept_labels=("lesion", "background"),
                                            title=f"{slide_id} ({label}): planted lesion tiles (ground truth)"))
-        slide_out = clip.get_slide_features(feats, coords, mask, output_tile_attention=True)
-        figures.append(render_tile_heatmap(coords[0], slide_out.tile_attention[0], heat_dir / f"{slide_id}_cls_attention.png",
-                                           tile_size=tile_size, score_label="attention",
+        figures.append(render_tile_heatmap(coords[0], tile_attention(clip, feats, coords, mask),
+                                           heat_dir / f"{slide_id}_cls_attention.png", tile_size=tile_size,
+                                           score_label="attention",
                                            title=f"{slide_id}: slide-encoder CLS attention (mean over heads)"))
-        tokens = clip.slide_model(feats, coords, mask).last_hidden_state[:, 1:]  # [1, N, D]
-        tile_embeds = torch.nn.functional.normalize(clip.slide_projection(tokens)[0], dim=-1)  # [N, E]
-        text = processor(text=[prompts["classnames"][label][0]])
-        text_embed = torch.nn.functional.normalize(clip.get_text_features(**text).pooler_output[0], dim=-1)
-        figures.append(render_tile_heatmap(coords[0], tile_embeds @ text_embed,
+        prompt = prompts["classnames"][label][0]
+        figures.append(render_tile_heatmap(coords[0], tile_text_similarity(clip, processor, prompt, feats, coords, mask),
                                            heat_dir / f"{slide_id}_similarity.png", tile_size=tile_size,
-                                           score_label="cosine similarity",
-                                           title=f"{slide_id}: tile ↔ '{prompts['classnames'][label][0]}'"))
-        selected = llava.get_slide_features(feats, coords, mask, token_selection="prumerge_plus")
-        kept = torch.zeros(coords.shape[1], dtype=torch.bool)
-        index = selected.selection_indices[0]
-        kept[index[index >= 0]] = True
+                                           score_label="cosine similarity", title=f"{slide_id}: tile ↔ '{prompt}'"))
+        kept = selected_tiles(llava, feats, coords, mask, token_selection="prumerge_plus")
         figures.append(render_tile_heatmap(coords[0], None, heat_dir / f"{slide_id}_prumerge_plus.png",
                                            tile_size=tile_size, kept=kept,
                                            title=f"{slide_id}: tiles kept by PruMerge+ for the LLM"))

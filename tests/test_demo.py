@@ -47,3 +47,22 @@ def test_demo_checkpoints_reload_registered_and_as_remote_code(demo_run):
         report = validate_checkpoint(folder)
         loading = {k: v for k, v in report.checks.items() if "load" in k}
         assert loading and all(v == "ok" for v in loading.values()), str(report)
+
+
+@pytest.mark.slow
+def test_visualize_script_draws_every_mode_from_demo_checkpoints(demo_run, tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import visualize
+
+    out, proc = demo_run
+    assert proc.returncode == 0
+    slide = sorted((out / "data" / "slides").glob("*.h5"))[0]
+    for mode, model, extra in (("attention", out / "clip", []),
+                               ("similarity", out / "clip", ["--prompt", "lung adenocarcinoma"]),
+                               ("selection", out / "llava_stage3" / "merged", ["--token_selection", "prumerge"])):
+        png = visualize.main(["--model", str(model), "--slide", str(slide), "--mode", mode,
+                              "--output", str(tmp_path / f"{mode}.png"), *extra])
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+    with pytest.raises(SystemExit, match="needs --prompt"):
+        visualize.main(["--model", str(out / "clip"), "--slide", str(slide), "--mode", "similarity",
+                        "--output", str(tmp_path / "x.png")])

@@ -111,4 +111,48 @@ def _extent(grid: np.ndarray, origin: tuple[int, int], tile_size: int) -> tuple[
     return (x0, x0 + grid.shape[1] * tile_size, y0 + grid.shape[0] * tile_size, y0)
 
 
-__all__ = ["render_tile_heatmap", "tile_grid"]
+# ---------------------------------------------------------------------------------------------- tile scores
+@torch.no_grad()
+def tile_attention(model, tile_features: torch.Tensor, tile_coords: torch.Tensor,
+                   tile_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N]`` attention of one slide's tiles: ABMIL attention (WSI-CLIP ``abmil`` tower) or the slide encoder's last-
+    layer CLS attention averaged over heads (WSI-CLIP ``slide_encoder`` tower, or a bare ``SlideEncoderModel``)."""
+    if hasattr(model, "get_slide_features") and hasattr(model, "slide_projection"):
+        out = model.get_slide_features(tile_features, tile_coords, tile_mask, output_tile_attention=True)
+        if out.tile_attention is None:
+            raise ValueError("this WSI-CLIP slide tower has no tile attention (mean pooling); use 'similarity'.")
+        return out.tile_attention[0].float()
+    if hasattr(model, "cls_attention"):
+        return model.cls_attention(tile_features, tile_coords, tile_mask)[0].float().mean(0)
+    raise TypeError(f"{type(model).__name__} gives no tile attention; use a WSI-CLIP or slide encoder checkpoint.")
+
+
+@torch.no_grad()
+def tile_text_similarity(model, processor, prompt: str, tile_features: torch.Tensor, tile_coords: torch.Tensor,
+                         tile_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N]`` cosine similarity between each tile's token (slide tower output, through the slide projection) and
+    the embedding of ``prompt`` in the joint WSI-CLIP space (LongNet towers: contextualised tile tokens; ABMIL / mean
+    towers: their per-tile hidden states)."""
+    tower = model.slide_model
+    tokens = tower(tile_features, tile_coords, tile_mask).last_hidden_state  # [1, N(+1), H]
+    if tokens.shape[1] == tile_features.shape[1] + 1:  # LongNet: drop CLS, apply the head norm the pooled token gets
+        tokens = tower.head_norm(tokens[:, 1:]) if hasattr(tower, "head_norm") else tokens[:, 1:]
+    tiles = torch.nn.functional.normalize(model.slide_projection(tokens.to(model.slide_projection.weight.dtype))[0],
+                                          dim=-1)  # [N, E]
+    text = processor(text=[prompt])
+    embed = model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).pooler_output
+    return tiles @ torch.nn.functional.normalize(embed[0], dim=-1)  # [N]
+
+
+@torch.no_grad()
+def selected_tiles(model, tile_features: torch.Tensor, tile_coords: torch.Tensor, tile_mask: torch.Tensor | None = None,
+                   token_selection: str | None = None) -> torch.Tensor:
+    """``[N]`` bool: tiles a WSI-LLaVA token selector keeps (their tokens, or tokens merged into them, reach the LM)."""
+    selected = model.get_slide_features(tile_features, tile_coords, tile_mask, token_selection=token_selection)
+    kept = torch.zeros(tile_features.shape[1], dtype=torch.bool)
+    index = selected.selection_indices[0]
+    kept[index[index >= 0].cpu()] = True
+    return kept
+
+
+__all__ = ["render_tile_heatmap", "tile_grid", "tile_attention", "tile_text_similarity", "selected_tiles"]
