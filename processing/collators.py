@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -41,10 +42,13 @@ class _SlideBatcher:
     epoch: int = 0
 
     def row_seed(self, row: dict[str, Any]) -> int | None:
-        """The tile-sampling seed of ``row`` in the current epoch (``None`` without a collator seed)."""
+        """The tile-sampling seed of ``row`` in the current epoch (``None`` without a collator seed).
+
+        Keyed by the file *name*, not its absolute path, so a data set moved to another folder samples the same tiles.
+        """
         if self.seed is None:
             return None
-        return stable_id(f"{self.seed}/{self.epoch}/{row.get('row', '')}/{row['h5_path']}")
+        return stable_id(f"{self.seed}/{self.epoch}/{row.get('row', '')}/{Path(str(row['h5_path'])).name}")
 
     def _slides(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         slides = [self.processor.load_slide(row["h5_path"], max_tiles=self.max_tiles,
