@@ -17,7 +17,6 @@ stage 3 → LoRA adapters + the projector copy (``PeftModel.from_pretrained(base
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -62,15 +61,23 @@ def config_to_argv(path: str) -> list[str]:
 
 def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, LlavaTrainingArguments]:
     argv = normalize_resume_argv(argv)  # a bare --resume_from_checkpoint means "auto"
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--stage", type=int, choices=(2, 3), default=None)
-    known, rest = pre.parse_known_args(argv)
+    # `--stage N` may come before the config file (`train_llava.py --stage 2 cfg.yaml`): lift it out first so the
+    # file is the first positional argument, then hand it back to HfArgumentParser after the file's values.
+    rest, stage = [], None
+    tokens = iter(argv)
+    for token in tokens:
+        if token == "--stage":
+            stage = next(tokens, None)
+        elif token.startswith("--stage="):
+            stage = token.split("=", 1)[1]
+        else:
+            rest.append(token)
     config_argv: list[str] = []
     if rest and not rest[0].startswith("-") and rest[0].endswith((".yaml", ".yml", ".json")):
         config_argv = config_to_argv(rest[0])
         rest = rest[1:]
-    if known.stage is not None:
-        rest = rest + ["--stage", str(known.stage)]
+    if stage is not None:
+        rest = rest + ["--stage", str(stage)]
     parser = HfArgumentParser((ModelArguments, DataArguments, LlavaTrainingArguments))
     model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=config_argv + rest)
     if data_args.train_file is None:
