@@ -107,27 +107,11 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """``[config.yaml|json] [--flag value ...]``: the file's keys become defaults, CLI flags override them."""
-    from wsi_clip.checkpointing import normalize_resume_argv
+    from wsi_clip.cli import parse_args_with_config
 
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    argv = normalize_resume_argv(sys.argv[1:] if argv is None else argv)  # a bare --resume_from_checkpoint: auto
-    if argv and not argv[0].startswith("-"):
-        path = Path(argv.pop(0))
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: config file not found (YAML or JSON with the fields listed by --help).")
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        else:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys are the options listed by "
-                             "`python scripts/train_clip.py --help` (without the leading --).")
-        parser.set_defaults(**values)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    model_args, data_args, training_args = parse_args_with_config(
+        parser, sys.argv[1:] if argv is None else argv, "train_clip.py")
     if not data_args.train_file:
         parser.error("train_file is required (in the config file or as --train_file).")
     if not (model_args.model_name_or_path or model_args.text_model_name_or_path):

@@ -17,7 +17,6 @@ stage 3 → LoRA adapters + the projector copy (``PeftModel.from_pretrained(base
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -26,43 +25,16 @@ from typing import Any
 from transformers import HfArgumentParser, set_seed
 
 from processing import InstructionCollator, load_annotations, preflight_dataset, slide_contract
-from wsi_clip.checkpointing import normalize_resume_argv
+from wsi_clip.cli import parse_args_with_config
 from wsi_clip.hub import require_checkpoint_files
 from wsi_llava.training import (DataArguments, LlavaTrainingArguments, ModelArguments, WSILlavaTrainer,
                                 build_model_and_processor, calibrate_gamma, count_parameters, prepare_stage,
                                 projector_gamma)
 
 
-def config_to_argv(path: str) -> list[str]:
-    """A YAML / JSON mapping → ``--key value`` arguments (mappings become JSON strings, lists several values)."""
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith(".json"):
-        data = json.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise SystemExit(f"{path}: the config file must be a mapping of option names to values.")
-    argv: list[str] = []
-    for key, value in data.items():
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            argv += [f"--{key}", json.dumps(value)]
-        elif isinstance(value, (list, tuple)):
-            argv += [f"--{key}", *[str(v) for v in value]]
-        elif isinstance(value, bool):
-            argv += [f"--{key}", "true" if value else "false"]
-        else:
-            argv += [f"--{key}", str(value)]
-    return argv
-
-
 def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, LlavaTrainingArguments]:
-    argv = normalize_resume_argv(argv)  # a bare --resume_from_checkpoint means "auto"
     # `--stage N` may come before the config file (`train_llava.py --stage 2 cfg.yaml`): lift it out first so the
-    # file is the first positional argument, then hand it back to HfArgumentParser after the file's values.
+    # file is the first positional argument, then hand it back after it.
     rest, stage = [], None
     tokens = iter(argv)
     for token in tokens:
@@ -72,14 +44,10 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, LlavaTraining
             stage = token.split("=", 1)[1]
         else:
             rest.append(token)
-    config_argv: list[str] = []
-    if rest and not rest[0].startswith("-") and rest[0].endswith((".yaml", ".yml", ".json")):
-        config_argv = config_to_argv(rest[0])
-        rest = rest[1:]
     if stage is not None:
-        rest = rest + ["--stage", str(stage)]
+        rest += ["--stage", str(stage)]
     parser = HfArgumentParser((ModelArguments, DataArguments, LlavaTrainingArguments))
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=config_argv + rest)
+    model_args, data_args, train_args = parse_args_with_config(parser, rest, "train_llava.py")
     if data_args.train_file is None:
         raise SystemExit("--train_file is required (in the config file or on the command line).")
     return model_args, data_args, train_args
