@@ -16,8 +16,7 @@ from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .errors import PromptError, SlideFormatError
-from .slide_io import (TILE_SAMPLING_STRATEGIES, SlideFeatures, read_slide, sample_tile_indices, spatial_order,
-                       validate_coords)
+from .slide_io import TILE_SAMPLING_STRATEGIES, SlideFeatures, read_slide, sample_tile_indices, validate_coords
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +115,10 @@ class WSIProcessor(ProcessorMixin):
         if not torch.isfinite(features.float()).all():
             raise SlideFormatError(f"{source}: features contain NaN/Inf values.")
         xy = torch.floor(xy).long() if xy.is_floating_point() else xy.long()
-        validate_coords(xy.cpu().numpy(), source)
-        order = torch.from_numpy(spatial_order(xy.cpu().numpy()))
+        order = validate_coords(xy.cpu().numpy(), source)  # None: already row-major
+        if order is None:
+            return SlideFeatures(features.float(), xy, patch, path, "memory")
+        order = torch.from_numpy(order)
         return SlideFeatures(features.float()[order], xy[order], patch, path, "memory")
 
     @staticmethod

@@ -19,6 +19,8 @@ This module is imported by the Hub-shipped processor, so it imports only stdlib,
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -42,6 +44,12 @@ SOURCE_LAYOUTS: tuple[str, ...] = ("seed", "clam", "trident")
 # A read touching at most this fraction of the rows uses a row selection; above it, reading everything and
 # indexing in memory is faster than HDF5's per-row hyperslab selection.
 _SELECTION_READ_MAX_FRACTION = 0.5
+# Full reads of contiguous datasets go straight from the file into the float32 output, in pieces of about
+# this many bytes (small enough to stay in the core's cache while they are converted and checked for NaN/Inf).
+_READ_PIECE_BYTES = 2 << 20
+# Below this many bytes a full read runs on the calling thread only (thread start-up would dominate).
+_PARALLEL_READ_MIN_BYTES = 16 << 20
+_MAX_READ_THREADS = 4
 
 
 @dataclass
@@ -226,14 +234,23 @@ def _read_coords(f: "h5py.File", path: Path, num_tiles: int) -> tuple[np.ndarray
     return coords, layout, patch
 
 
-def validate_coords(coords: np.ndarray, source: str) -> None:
-    """Raise :class:`SlideFormatError` on negative or duplicated tile coordinates."""
-    negative = np.flatnonzero((coords < 0).any(axis=1))
-    if negative.size:
+def validate_coords(coords: np.ndarray, source: str) -> np.ndarray | None:
+    """Raise :class:`SlideFormatError` on negative or duplicated tile coordinates.
+
+    Returns the row-major permutation (:func:`spatial_order`), or ``None`` when the rows already are in that
+    order (the common case for files written by this package or by row-major tilers): checked in one O(N) pass
+    so that reading such a file needs no sort.
+    """
+    coords = np.asarray(coords)
+    if coords.size and int(coords.min()) < 0:
+        negative = np.flatnonzero((coords < 0).any(axis=1))
         i = int(negative[0])
         raise SlideFormatError(f"{source}: {negative.size} tile(s) have negative coordinates (first: row {i}, "
                                f"(x, y) = {tuple(int(v) for v in coords[i])}). Coordinates must be level-0 pixel "
                                "offsets from the slide's top-left corner; shift them so the minimum is 0.")
+    x, y = coords[:, 0], coords[:, 1]
+    if bool(((y[1:] > y[:-1]) | ((y[1:] == y[:-1]) & (x[1:] > x[:-1]))).all()):
+        return None  # strictly increasing in (y, x): sorted and without duplicates
     order = spatial_order(coords)
     sorted_xy = coords[order]
     same = np.flatnonzero((sorted_xy[1:] == sorted_xy[:-1]).all(axis=1))
@@ -243,6 +260,15 @@ def validate_coords(coords: np.ndarray, source: str) -> None:
                                f"at (x, y) = {tuple(int(v) for v in coords[a])}). Each tile must appear once: "
                                "deduplicate at extraction, or check that coordinates are level-0 pixels and "
                                "not grid indices at a coarser level.")
+    return order
+
+
+def _contiguous_offset(ds: "h5py.Dataset") -> int | None:
+    """Byte offset of the dataset in its file when its bytes can be read directly (contiguous, uncompressed,
+    plain POSIX file driver), else ``None``."""
+    if ds.chunks is not None or ds.compression is not None or ds.file.driver not in ("sec2", None):
+        return None
+    return ds.id.get_offset()
 
 
 def _memmap_rows(ds: "h5py.Dataset", rows: np.ndarray) -> np.ndarray | None:
@@ -251,9 +277,7 @@ def _memmap_rows(ds: "h5py.Dataset", rows: np.ndarray) -> np.ndarray | None:
     HDF5 builds one hyperslab per selected row (slow for thousands of rows); a read-only memory map of the
     dataset's bytes gathers them at memory speed. Returns ``None`` when the layout does not allow it.
     """
-    if ds.chunks is not None or ds.compression is not None or ds.file.driver not in ("sec2", None):
-        return None
-    offset = ds.id.get_offset()
+    offset = _contiguous_offset(ds)
     if offset is None:
         return None
     mapped = np.memmap(ds.file.filename, dtype=ds.dtype, mode="r", offset=offset, shape=ds.shape)
@@ -264,10 +288,71 @@ def _memmap_rows(ds: "h5py.Dataset", rows: np.ndarray) -> np.ndarray | None:
     return block if block.dtype.isnative else block.astype(block.dtype.newbyteorder("="))
 
 
-def _read_feature_rows(ds: "h5py.Dataset", rows: np.ndarray | None) -> np.ndarray:
-    """Rows ``rows`` (any order, duplicates allowed) of ``ds``, or all rows; touches only what it needs."""
-    if rows is None:
-        return ds[()]
+def _read_all_rows_direct(ds: "h5py.Dataset", path: Path) -> tuple[torch.Tensor, np.ndarray] | None:
+    """Every row of a contiguous float16/float32 dataset as a float32 ``[N, D]`` tensor, plus each row's sum.
+
+    Why not ``ds[()]``: h5py copies the bytes on one core, and converting to float32 and checking for NaN/Inf
+    are two more passes over memory. Here the file is read with ``os.preadv`` in cache-sized pieces that are
+    converted and summed (the NaN/Inf check) while still in cache, by up to ``torch.get_num_threads()``
+    threads (reads and sums release the GIL; DataLoader workers run with one thread, so one here).
+    Returns ``None`` when the dataset's layout does not allow a direct read.
+    """
+    offset = _contiguous_offset(ds)
+    if offset is None or not ds.dtype.isnative or ds.dtype.type not in (np.float32, np.float16):
+        return None
+    num_rows, dim = (int(v) for v in ds.shape)
+    row_bytes = dim * ds.dtype.itemsize
+    out = np.empty((num_rows, dim), dtype=np.float32)  # NumPy allocation: huge pages (see _as_float32)
+    row_sums = np.empty(num_rows, dtype=np.float32)
+    piece_rows = max(1, _READ_PIECE_BYTES // (dim * 4))
+    pieces = [(start, min(start + piece_rows, num_rows)) for start in range(0, num_rows, piece_rows)]
+    threads = 1
+    if num_rows * row_bytes >= _PARALLEL_READ_MIN_BYTES:
+        threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1, _MAX_READ_THREADS, len(pieces)))
+
+
+    def read_pieces(first: int, fd: int) -> None:
+        staging = None if ds.dtype.type is np.float32 else np.empty((piece_rows, dim), dtype=ds.dtype)
+        for start, stop in pieces[first::threads]:
+            target = out[start:stop] if staging is None else staging[:stop - start]  # [rows, D]
+            want = (stop - start) * row_bytes
+            got = os.preadv(fd, [memoryview(target).cast("B")], offset + start * row_bytes)
+            if got != want:
+                raise SlideFormatError(f"{path}: 'features' is truncated (rows {start}..{stop - 1} could not be "
+                                       "read). The file was cut short; re-run feature extraction for this slide.")
+            if staging is not None:
+                torch.from_numpy(out[start:stop]).copy_(torch.from_numpy(target))
+            with np.errstate(over="ignore", invalid="ignore"):  # overflowing sums are re-checked exactly
+                np.add.reduce(out[start:stop], axis=1, out=row_sums[start:stop])
+
+    fd = os.open(ds.file.filename, os.O_RDONLY)
+    try:
+        if threads == 1:
+            read_pieces(0, fd)
+        else:
+            with ThreadPoolExecutor(threads - 1, thread_name_prefix="read_slide") as pool:
+                helpers = [pool.submit(read_pieces, k, fd) for k in range(1, threads)]
+                read_pieces(0, fd)
+                for helper in helpers:
+                    helper.result()
+    finally:
+        os.close(fd)
+    return torch.from_numpy(out), row_sums
+
+
+def _read_feature_rows(ds: "h5py.Dataset", rows: np.ndarray | None,
+                       path: Path) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Float32 rows ``rows`` (any order, duplicates allowed) of ``ds``, or all rows, touching only what it
+    needs; plus the rows' sums when the read computed them on the way (``None`` otherwise)."""
+    if rows is None or rows.size > _SELECTION_READ_MAX_FRACTION * ds.shape[0]:
+        direct = _read_all_rows_direct(ds, path)
+        if direct is not None:
+            features, row_sums = direct
+            if rows is None:
+                return features, row_sums
+            return features[torch.from_numpy(rows)], row_sums[rows]
+        if rows is None:
+            return _as_float32(ds[()]), None
     unique, inverse = np.unique(rows, return_inverse=True)
     if unique.size > _SELECTION_READ_MAX_FRACTION * ds.shape[0]:
         block = ds[()][unique]
@@ -275,7 +360,9 @@ def _read_feature_rows(ds: "h5py.Dataset", rows: np.ndarray | None) -> np.ndarra
         block = _memmap_rows(ds, unique)
         if block is None:
             block = ds[unique]  # h5py needs increasing, unique indices
-    return block if unique.size == rows.size and np.array_equal(unique, rows) else block[inverse]
+    if not (unique.size == rows.size and np.array_equal(unique, rows)):
+        block = block[inverse]
+    return _as_float32(block), None
 
 
 def _as_float32(array: np.ndarray) -> torch.Tensor:
@@ -291,10 +378,12 @@ def _as_float32(array: np.ndarray) -> torch.Tensor:
     return out
 
 
-def _finite_rows(features: torch.Tensor) -> torch.Tensor:
+def _finite_rows(features: torch.Tensor, row_sums: np.ndarray | None = None) -> torch.Tensor:
     """``[N]`` bool: rows without NaN/Inf. A row sum is non-finite iff some entry is (or, for huge finite
-    values, the sum overflowed — those rows are re-checked exactly), and it avoids an ``[N, D]`` bool temporary."""
-    finite = torch.isfinite(features.sum(dim=1))  # [N]
+    values, the sum overflowed — those rows are re-checked exactly), and it avoids an ``[N, D]`` bool temporary.
+    ``row_sums`` are used when the read already computed them."""
+    sums = features.sum(dim=1) if row_sums is None else torch.from_numpy(row_sums)  # [N]
+    finite = torch.isfinite(sums)
     if not bool(finite.all()):
         suspects = torch.nonzero(~finite).flatten()
         finite[suspects] = torch.isfinite(features[suspects]).all(dim=1)
@@ -321,7 +410,7 @@ def read_slide(path: str | Path, *, rows: Sequence[int] | np.ndarray | None = No
         ds = _features_dataset(f, path)
         num_tiles = int(ds.shape[0])
         coords, layout, patch = _read_coords(f, path, num_tiles)
-        validate_coords(coords, str(path))
+        order = validate_coords(coords, str(path))  # None: already row-major on disk
 
         if rows is not None:
             disk_rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -331,17 +420,16 @@ def read_slide(path: str | Path, *, rows: Sequence[int] | np.ndarray | None = No
             if disk_rows.size == 0:
                 raise SlideFormatError(f"{path}: rows=[] selects no tile.")
         else:
-            order = spatial_order(coords)
             keep = sample_tile_indices(num_tiles, max_tiles, tile_sampling, seed)
-            disk_rows = order[keep]
-            if disk_rows.size == num_tiles and np.array_equal(disk_rows, np.arange(num_tiles)):
-                disk_rows = None  # already in canonical order on disk: one contiguous read
+            if order is None:
+                disk_rows = None if keep.size == num_tiles else keep  # None: one contiguous read
+            else:
+                disk_rows = order[keep]
 
-        array = _read_feature_rows(ds, disk_rows)
-    features = _as_float32(array)
+        features, row_sums = _read_feature_rows(ds, disk_rows, path)
     coords_t = torch.from_numpy(coords if disk_rows is None else coords[disk_rows])
 
-    finite = _finite_rows(features)
+    finite = _finite_rows(features, row_sums)
     if not bool(finite.all()):
         bad_pos = torch.nonzero(~finite).flatten()
         bad_rows = (bad_pos if disk_rows is None else torch.from_numpy(disk_rows)[bad_pos]).tolist()

@@ -166,6 +166,82 @@ def test_nonfinite_features_raise_or_drop(tmp_path):
     assert not bad_coords & {tuple(c) for c in kept.coords.tolist()}
 
 
+@pytest.fixture
+def parallel_direct_read(monkeypatch):
+    """Make the direct reader split even a small file into many pieces over two threads."""
+    import processing.slide_io as slide_io
+
+    monkeypatch.setattr(slide_io, "_READ_PIECE_BYTES", 7 * 4 * 16)  # 7 rows of 16 float32 per piece
+    monkeypatch.setattr(slide_io, "_PARALLEL_READ_MIN_BYTES", 0)
+    monkeypatch.setattr(slide_io.torch, "get_num_threads", lambda: 2)
+    return slide_io
+
+
+@pytest.mark.parametrize("storage", ["contiguous_f32", "contiguous_f16", "chunked", "gzip", "big_endian",
+                                     "float64"])
+def test_full_read_is_exact_for_every_storage_and_finds_nonfinite_rows(tmp_path, parallel_direct_read, monkeypatch,
+                                                                       storage):
+    """The direct (threaded, piecewise) reader and the h5py fallback give the same float32 values, the same
+    row-major order and the same NaN/Inf rows, wherever in the file they are."""
+    n, d = 103, 16
+    rng = np.random.default_rng(1)
+    feats = (rng.standard_normal((n, d)) * 100).astype(np.float32)
+    coords = grid_coords(n, columns=11)
+    perm = rng.permutation(n)
+    dtype = {"contiguous_f16": np.float16, "big_endian": ">f4", "float64": np.float64}.get(storage, np.float32)
+    options = {"chunked": {"chunks": (10, d)}, "gzip": {"chunks": (10, d), "compression": "gzip"}}.get(storage, {})
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=feats.astype(dtype), **options)
+        f["coords"] = coords
+    expected = feats.astype(dtype).astype(np.float32)
+    direct_used = []
+    original = parallel_direct_read._read_all_rows_direct
+
+    def spy(ds, p):
+        result = original(ds, p)
+        direct_used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(parallel_direct_read, "_read_all_rows_direct", spy)
+    slide = read_slide(path)
+    np.testing.assert_array_equal(slide.features.numpy(), expected)
+    shuffled = tmp_path / "shuffled.h5"  # written out of order: the full read is gathered in row-major order
+    write_slide(shuffled, expected[perm], coords[perm], layout="clam", dtype="float32")
+    np.testing.assert_array_equal(read_slide(shuffled).features.numpy(), expected)
+    rows = np.concatenate([perm[:80], perm[:5]])  # most rows, caller order, duplicates
+    np.testing.assert_array_equal(read_slide(path, rows=rows).features.numpy(), expected[rows])
+    # the direct reader was tried each time; it reads contiguous float16/float32 and declines the rest
+    assert direct_used == [storage.startswith("contiguous"), True, storage.startswith("contiguous")]
+
+    bad = [0, 57, 102]  # first, middle and last piece
+    with h5py.File(path, "r+") as f:
+        data = f["features"][()]
+        data[bad, [3, 0, 15]] = [np.nan, np.inf, -np.inf]
+        f["features"][...] = data
+    with pytest.raises(SlideFormatError, match=r"3 tile\(s\) have NaN/Inf features \(on-disk rows \[0, 57, 102\]"):
+        read_slide(path)
+    kept = read_slide(path, nonfinite="drop")
+    assert kept.num_tiles == n - 3 and bool(torch.isfinite(kept.features).all())
+
+
+def test_huge_finite_values_are_not_reported_as_nonfinite(tmp_path, parallel_direct_read):
+    """A row whose sum overflows float32 is re-checked element-wise and kept."""
+    feats = np.full((20, 16), 3e38, np.float32)
+    path = write_slide(tmp_path / "big.h5", feats, grid_coords(20), dtype="float32")
+    assert read_slide(path).num_tiles == 20
+
+
+def test_short_read_is_reported_as_truncated(tmp_path, parallel_direct_read, monkeypatch):
+    feats, coords = _slide(n=40, d=16)
+    path = write_slide(tmp_path / "cut.h5", feats, coords, dtype="float32")
+    real_preadv = parallel_direct_read.os.preadv
+    monkeypatch.setattr(parallel_direct_read.os, "preadv",
+                        lambda fd, buffers, offset: real_preadv(fd, buffers, offset) - 1)
+    with pytest.raises(SlideFormatError, match=r"cut\.h5: 'features' is truncated"):
+        read_slide(path)
+
+
 def _write_raw(path, **datasets):
     with h5py.File(path, "w") as f:
         for name, value in datasets.items():
