@@ -288,13 +288,26 @@ def _memmap_rows(ds: "h5py.Dataset", rows: np.ndarray) -> np.ndarray | None:
     return block if block.dtype.isnative else block.astype(block.dtype.newbyteorder("="))
 
 
+def _read_into(file, buffer: np.ndarray, offset: int) -> int:
+    """Fill ``buffer`` with the file's bytes from ``offset``; returns how many bytes there were (short at EOF)."""
+    view = memoryview(buffer).cast("B")
+    file.seek(offset)
+    done = 0
+    while done < len(view):
+        got = file.readinto(view[done:])  # releases the GIL
+        if not got:
+            break
+        done += got
+    return done
+
+
 def _read_all_rows_direct(ds: "h5py.Dataset", path: Path) -> tuple[torch.Tensor, np.ndarray] | None:
     """Every row of a contiguous float16/float32 dataset as a float32 ``[N, D]`` tensor, plus each row's sum.
 
     Why not ``ds[()]``: h5py copies the bytes on one core, and converting to float32 and checking for NaN/Inf
-    are two more passes over memory. Here the file is read with ``os.preadv`` in cache-sized pieces that are
-    converted and summed (the NaN/Inf check) while still in cache, by up to ``torch.get_num_threads()``
-    threads (reads and sums release the GIL; DataLoader workers run with one thread, so one here).
+    are two more passes over memory. Here the file is read in cache-sized pieces that are converted and summed
+    (the NaN/Inf check) while still in cache, by up to ``torch.get_num_threads()`` threads, each with its own
+    file handle (reads and sums release the GIL; DataLoader workers run with one thread, so one here).
     Returns ``None`` when the dataset's layout does not allow a direct read.
     """
     offset = _contiguous_offset(ds)
@@ -310,33 +323,27 @@ def _read_all_rows_direct(ds: "h5py.Dataset", path: Path) -> tuple[torch.Tensor,
     if num_rows * row_bytes >= _PARALLEL_READ_MIN_BYTES:
         threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1, _MAX_READ_THREADS, len(pieces)))
 
-
-    def read_pieces(first: int, fd: int) -> None:
+    def read_pieces(first: int) -> None:
         staging = None if ds.dtype.type is np.float32 else np.empty((piece_rows, dim), dtype=ds.dtype)
-        for start, stop in pieces[first::threads]:
-            target = out[start:stop] if staging is None else staging[:stop - start]  # [rows, D]
-            want = (stop - start) * row_bytes
-            got = os.preadv(fd, [memoryview(target).cast("B")], offset + start * row_bytes)
-            if got != want:
-                raise SlideFormatError(f"{path}: 'features' is truncated (rows {start}..{stop - 1} could not be "
-                                       "read). The file was cut short; re-run feature extraction for this slide.")
-            if staging is not None:
-                torch.from_numpy(out[start:stop]).copy_(torch.from_numpy(target))
-            with np.errstate(over="ignore", invalid="ignore"):  # overflowing sums are re-checked exactly
-                np.add.reduce(out[start:stop], axis=1, out=row_sums[start:stop])
+        with open(ds.file.filename, "rb", buffering=0) as file:
+            for start, stop in pieces[first::threads]:
+                target = out[start:stop] if staging is None else staging[:stop - start]  # [rows, D]
+                if _read_into(file, target, offset + start * row_bytes) != target.nbytes:
+                    raise SlideFormatError(f"{path}: 'features' is truncated (rows {start}..{stop - 1} could not "
+                                           "be read). The file was cut short; re-run feature extraction for it.")
+                if staging is not None:
+                    torch.from_numpy(out[start:stop]).copy_(torch.from_numpy(target))
+                with np.errstate(over="ignore", invalid="ignore"):  # overflowing sums are re-checked exactly
+                    np.add.reduce(out[start:stop], axis=1, out=row_sums[start:stop])
 
-    fd = os.open(ds.file.filename, os.O_RDONLY)
-    try:
-        if threads == 1:
-            read_pieces(0, fd)
-        else:
-            with ThreadPoolExecutor(threads - 1, thread_name_prefix="read_slide") as pool:
-                helpers = [pool.submit(read_pieces, k, fd) for k in range(1, threads)]
-                read_pieces(0, fd)
-                for helper in helpers:
-                    helper.result()
-    finally:
-        os.close(fd)
+    if threads == 1:
+        read_pieces(0)
+    else:
+        with ThreadPoolExecutor(threads - 1, thread_name_prefix="read_slide") as pool:
+            helpers = [pool.submit(read_pieces, k) for k in range(1, threads)]
+            read_pieces(0)
+            for helper in helpers:
+                helper.result()
     return torch.from_numpy(out), row_sums
 
 

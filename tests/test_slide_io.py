@@ -235,9 +235,9 @@ def test_huge_finite_values_are_not_reported_as_nonfinite(tmp_path, parallel_dir
 def test_short_read_is_reported_as_truncated(tmp_path, parallel_direct_read, monkeypatch):
     feats, coords = _slide(n=40, d=16)
     path = write_slide(tmp_path / "cut.h5", feats, coords, dtype="float32")
-    real_preadv = parallel_direct_read.os.preadv
-    monkeypatch.setattr(parallel_direct_read.os, "preadv",
-                        lambda fd, buffers, offset: real_preadv(fd, buffers, offset) - 1)
+    real_read_into = parallel_direct_read._read_into
+    monkeypatch.setattr(parallel_direct_read, "_read_into",
+                        lambda file, buffer, offset: real_read_into(file, buffer, offset) - 1)
     with pytest.raises(SlideFormatError, match=r"cut\.h5: 'features' is truncated"):
         read_slide(path)
 
