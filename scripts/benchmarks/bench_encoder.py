@@ -163,13 +163,16 @@ def run_child(args: Args) -> dict:
         if rest[1] == "ckpt":
             model.activation_checkpointing_enable()
         _train_step(model, warm_f, warm_c)
-        # Training memory grows linearly in N: probe at N/8 and refuse what would not fit (shared machines).
-        probe = max(256, num_tiles // 8)
+        # Training memory grows linearly in N: probe at about N/8 and refuse what would not fit (shared machines).
+        # The probe's token count (tiles + CLS) is a whole number of the shortest segments, so that the zero
+        # padding to whole segments (materialised in training) does not inflate the extrapolation.
+        seg = min(model.config.segment_length)
+        probe = max(256, (num_tiles // 8 + 1) // seg * seg - 1)
         base = _current_rss_gb()
         _train_step(model, *_inputs(probe, args.input_dim))
         predicted = base + (_peak_rss_gb() - base) * num_tiles / probe
         result["predicted_peak_gb"] = predicted
-        if predicted > 0.85 * (_available_gb() + base):
+        if predicted > 0.92 * (_available_gb() + base):
             result.update(skipped=f"needs about {predicted:.1f} GB, {_available_gb() + base:.1f} GB available",
                           checkpointing=rest[1] == "ckpt")
             return result
