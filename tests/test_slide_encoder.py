@@ -284,6 +284,25 @@ def test_autocast_bf16_fp16_features_are_finite_and_close():
     assert (low.float() - ref).abs().max() < 0.1 * ref.abs().max()
 
 
+def test_autocast_bf16_training_step_has_finite_gradients_close_to_fp32():
+    """A training step under bf16 autocast (the fused CPU kernel in bf16, branches regathered in backward)."""
+    model = _tiny_model()
+    g = torch.Generator().manual_seed(1)
+    features = (torch.randn(2, 40, 24, generator=g) * 33 / math.sqrt(24)).half()
+    coords = torch.randint(0, 64 * 256, (2, 40, 2), generator=g)
+
+    def gradient(autocast: bool) -> torch.Tensor:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(features, coords).pooler_output.float().square().mean()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    ref, low = gradient(False), gradient(True)
+    assert torch.isfinite(low).all()
+    assert torch.nn.functional.cosine_similarity(low, ref, dim=0) > 0.98
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Input validation
 # ----------------------------------------------------------------------------------------------------------------
