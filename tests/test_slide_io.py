@@ -177,8 +177,8 @@ def parallel_direct_read(monkeypatch):
     return slide_io
 
 
-@pytest.mark.parametrize("storage", ["contiguous_f32", "contiguous_f16", "chunked", "gzip", "big_endian",
-                                     "float64"])
+@pytest.mark.parametrize("storage", ["contiguous_f32", "contiguous_f16", "contiguous_userblock", "chunked", "gzip",
+                                     "big_endian", "float64"])
 def test_full_read_is_exact_for_every_storage_and_finds_nonfinite_rows(tmp_path, parallel_direct_read, monkeypatch,
                                                                        storage):
     """The direct (threaded, piecewise) reader and the h5py fallback give the same float32 values, the same
@@ -191,7 +191,7 @@ def test_full_read_is_exact_for_every_storage_and_finds_nonfinite_rows(tmp_path,
     dtype = {"contiguous_f16": np.float16, "big_endian": ">f4", "float64": np.float64}.get(storage, np.float32)
     options = {"chunked": {"chunks": (10, d)}, "gzip": {"chunks": (10, d), "compression": "gzip"}}.get(storage, {})
     path = tmp_path / "s.h5"
-    with h5py.File(path, "w") as f:
+    with h5py.File(path, "w", userblock_size=512 if storage == "contiguous_userblock" else 0) as f:
         f.create_dataset("features", data=feats.astype(dtype), **options)
         f["coords"] = coords
     expected = feats.astype(dtype).astype(np.float32)
