@@ -100,6 +100,17 @@ class PreflightReport:
                 f"{self.num_skipped} row(s) skipped")
 
 
+def _process_rank_and_count() -> tuple[int, int]:
+    """(rank, world size) of an initialised ``torch.distributed`` process group, else ``(0, 1)``."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def preflight_check(rows: Iterable[dict[str, Any]] | Any, *, feature_dim: int | None = None,
                     tile_size: int | None = None, slide_ngrids: int | None = None,
                     require_case_id: bool = False, check_values: bool = True, skip_bad_samples: bool = False,
@@ -112,7 +123,9 @@ def preflight_check(rows: Iterable[dict[str, Any]] | Any, *, feature_dim: int | 
             ``h5_path`` and optionally ``row`` / ``case_id``).
         feature_dim / tile_size / slide_ngrids: the model's input contract (``None`` skips that check).
         require_case_id: the loss groups by case: rows without a ``case_id`` are errors.
-        check_values: also scan feature values for NaN/Inf (reads every file once, in bounded chunks).
+        check_values: also scan feature values for NaN/Inf (reads every file once, in bounded chunks). In a
+            distributed run (``torch.distributed`` initialised) the processes split the distinct files between them
+            and exchange their findings, so every file is read once in all and every process gets the same report.
         skip_bad_samples: drop bad rows (logged and counted) instead of raising.
         row_check: called on every row; a :class:`WSIDataError` it raises (e.g. a prompt that cannot be built)
             makes the row bad like a broken slide does.
@@ -124,20 +137,43 @@ def preflight_check(rows: Iterable[dict[str, Any]] | Any, *, feature_dim: int | 
 
     rows = list(rows)
     report = PreflightReport(num_rows=len(rows))
+    paths = list(dict.fromkeys(str(row.get("h5_path") or "") for row in rows))
+    rank, world = _process_rank_and_count()
+    mine = paths[rank::world]  # in a distributed run each process checks its share of the distinct files
     verdicts: dict[str, tuple[int, str | None]] = {}
-    iterator = tqdm(rows, desc=f"pre-flight {source}", unit="row", disable=not progress or len(rows) < 50)
-    for index, row in enumerate(iterator):
-        label = f"row {row.get('row', index + 1)}"
-        problems = []
-        if require_case_id and not str(row.get("case_id") or "").strip():
-            problems.append("case_id is missing but the loss groups slides by case (fill the case_id column)")
-        path = str(row.get("h5_path") or "")
-        if path not in verdicts:
+    failure = None
+    try:
+        for path in tqdm(mine, desc=f"pre-flight {source}", unit="slide", disable=not progress or len(mine) < 50):
             try:
                 verdicts[path] = (inspect_slide(path, feature_dim=feature_dim, tile_size=tile_size,
                                                 slide_ngrids=slide_ngrids, check_values=check_values), None)
             except WSIDataError as err:
                 verdicts[path] = (0, str(err))
+            except OSError as err:  # unreadable (permissions, I/O error): a problem of that file, not of the run
+                verdicts[path] = (0, f"{path}: cannot be read ({err}). Check the file and its permissions.")
+    except Exception as err:  # a bug, not a data problem: raised on every process after the exchange (no hang)
+        if world == 1:
+            raise
+        failure = f"{type(err).__name__}: {err}"
+    if world > 1:
+        import torch.distributed as dist
+
+        shares: list[tuple[dict, str | None] | None] = [None] * world
+        dist.all_gather_object(shares, (verdicts, failure))
+        failures = [f"process {r}: {share[1]}" for r, share in enumerate(shares) if share and share[1]]
+        if failures:
+            raise RuntimeError(f"pre-flight {source} failed: " + "; ".join(failures))
+        verdicts = {path: verdict for share in shares if share for path, verdict in share[0].items()}
+        logger.info("pre-flight %s: process %d of %d checked %d of %d slide files", source, rank, world, len(mine),
+                    len(paths))
+    row_bar = tqdm(rows, desc=f"pre-flight {source} rows", unit="row",
+                   disable=not progress or row_check is None or len(rows) < 50)
+    for index, row in enumerate(row_bar):
+        label = f"row {row.get('row', index + 1)}"
+        problems = []
+        if require_case_id and not str(row.get("case_id") or "").strip():
+            problems.append("case_id is missing but the loss groups slides by case (fill the case_id column)")
+        path = str(row.get("h5_path") or "")
         tiles, error = verdicts[path]
         if error:
             problems.append(error)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
 
-from conftest import grid_coords
+from conftest import free_port, grid_coords
 from processing import SlideFormatError, WSIDataError, inspect_slide, preflight_check, write_slide
 from processing.preflight import check_grid
 
@@ -75,3 +81,35 @@ def test_scan_is_chunked_and_finds_nan_in_a_late_chunk(tmp_path, monkeypatch):
         inspect_slide(path)
     chunk_reads = [k for k in reads if isinstance(k, slice)]
     assert len(chunk_reads) == 7 and all(k.stop - k.start <= 16 for k in chunk_reads)
+
+
+def test_two_processes_split_the_files_and_share_one_report(tmp_path):
+    """Under torchrun each distinct file is inspected by exactly one process; both get the full report."""
+    good = [str(write_slide(tmp_path / f"good{i}.h5", np.ones((4 + i, 3)), grid_coords(4 + i))) for i in range(4)]
+    bad = str(write_slide(tmp_path / "dim.h5", np.ones((4, 5)), grid_coords(4)))
+    paths = [good[0], bad, good[1], good[0], good[2], good[3], str(tmp_path / "missing.h5")]
+    repo = Path(__file__).resolve().parents[1]
+
+    def torchrun(out_dir: Path, **env: str) -> subprocess.CompletedProcess:
+        out_dir.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(repo / "tests" / "dist" / "preflight_worker.py"), str(out_dir), str(repo), *paths]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, **env})
+
+    proc = torchrun(tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in range(2)]
+    inspected = [set(r["inspected"]) for r in ranks]
+    assert not inspected[0] & inspected[1] and inspected[0] | inspected[1] == set(paths)
+    assert all(len(r["inspected"]) == len(set(r["inspected"])) for r in ranks)  # each file once
+    assert ranks[0]["kept"] == ranks[1]["kept"] == [0, 2, 3, 4, 5]
+    assert ranks[0]["problems"] == ranks[1]["problems"] and len(ranks[0]["problems"]) == 2
+    assert "row 2:" in ranks[0]["problems"][0] and "dimension 5" in ranks[0]["problems"][0]
+    assert "row 7:" in ranks[0]["problems"][1] and "file not found" in ranks[0]["problems"][1]
+    assert ranks[0]["num_slides"] == 4 and ranks[0]["num_tiles"] == 4 + 5 + 6 + 7
+
+    # an unexpected error on one process is raised on both (instead of the other waiting in the exchange)
+    proc = torchrun(tmp_path / "bug", FAIL_ON_RANK="1")
+    assert proc.returncode != 0
+    for r in range(2):
+        assert "process 1: KeyError: 'simulated bug'" in (tmp_path / "bug" / f"rank{r}.error").read_text()
