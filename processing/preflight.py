@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
+import torch
 
 from .errors import SlideFormatError, WSIDataError
-from .slide_io import _features_dataset, _open, _read_coords, infer_tile_stride, validate_coords
+from .slide_io import (_as_float32, _features_dataset, _finite_rows, _open, _read_coords, infer_tile_stride,
+                       validate_coords)
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +71,12 @@ def inspect_slide(path: str | Path, *, feature_dim: int | None = None, tile_size
             check_grid(coords, tile_size, slide_ngrids, str(path))
         if check_values:
             for start in range(0, num_tiles, _VALUE_SCAN_ROWS):
-                block = ds[start:start + _VALUE_SCAN_ROWS]
-                bad = ~np.isfinite(block.sum(axis=1, dtype=np.float32))
-                if bad.any():
-                    rows = np.flatnonzero(bad) + start
-                    rows = [int(r) for r in rows if not np.isfinite(ds[int(r)]).all()]
-                    if rows:
-                        raise SlideFormatError(f"{path}: tile(s) with NaN/Inf features (on-disk rows {rows[:5]}), "
-                                               "often fp16 overflow at extraction. Re-extract in fp32/bf16, or drop "
-                                               "those tiles when reading (nonfinite='drop').")
+                finite = _finite_rows(_as_float32(ds[start:start + _VALUE_SCAN_ROWS]))  # [rows]
+                if not bool(finite.all()):
+                    rows = (torch.nonzero(~finite).flatten() + start).tolist()
+                    raise SlideFormatError(f"{path}: tile(s) with NaN/Inf features (on-disk rows {rows[:5]}), "
+                                           "often fp16 overflow at extraction. Re-extract in fp32/bf16, or drop "
+                                           "those tiles when reading (nonfinite='drop').")
     return num_tiles
 
 

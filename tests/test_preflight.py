@@ -113,3 +113,16 @@ def test_two_processes_split_the_files_and_share_one_report(tmp_path):
     assert proc.returncode != 0
     for r in range(2):
         assert "process 1: KeyError: 'simulated bug'" in (tmp_path / "bug" / f"rank{r}.error").read_text()
+
+
+def test_value_scan_keeps_huge_finite_values_and_finds_nan_in_later_chunks(tmp_path, monkeypatch):
+    import processing.preflight as preflight
+
+    monkeypatch.setattr(preflight, "_VALUE_SCAN_ROWS", 4)  # several chunks
+    huge = write_slide(tmp_path / "huge.h5", np.full((10, 3), 3e38, np.float32), grid_coords(10), dtype="float32")
+    assert inspect_slide(huge) == 10  # row sums overflow, values do not
+    feats = np.ones((10, 3), np.float16)
+    feats[9, 2] = np.inf
+    late = write_slide(tmp_path / "late.h5", feats, grid_coords(10), dtype="float16")
+    with pytest.raises(SlideFormatError, match=r"on-disk rows \[9\]"):
+        inspect_slide(late)
