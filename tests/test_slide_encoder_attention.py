@@ -151,6 +151,36 @@ def test_attention_backends_agree():
     assert (out.double() - ref_out).abs().max() < 1e-5 and (lse.double() - ref_lse).abs().max() < 1e-5
 
 
+def test_flash_attn_package_is_called_like_the_original_when_installed(monkeypatch):
+    """flash-attn is optional: when importable it is called as upstream does (``[B, l, H, d]``,
+    ``return_attn_probs=True``) and its outputs are mapped back; when not, nothing asks for it."""
+    import sys
+    import types
+
+    import wsi_clip.dilated_attention as da
+
+    calls = []
+
+    def fake_flash_attn_func(q, k, v, dropout_p, causal, return_attn_probs):
+        calls.append((tuple(q.shape), dropout_p, causal, return_attn_probs))
+        out, lse = chunked_attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2), F.pad(lse, (0, 128 - lse.shape[-1] % 128)), None  # lse rounded up, as v1
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=fake_flash_attn_func))
+    monkeypatch.setattr(da, "_FLASH_ATTN_FUNC", [])
+    assert da._flash_attn_func() is fake_flash_attn_func
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 70, 16) for _ in range(3))
+    out, lse = da._flash_attn_with_lse(da._flash_attn_func(), q, k, v)
+    ref_out, ref_lse = chunked_attention_with_lse(q, k, v)
+    assert calls == [((2, 70, 4, 16), 0.0, False, True)]
+    assert out.shape == q.shape and lse.shape == (2, 4, 70)
+    assert torch.allclose(out, ref_out, atol=1e-6) and torch.allclose(lse, ref_lse, atol=1e-6)
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed: the import fails
+    monkeypatch.setattr(da, "_FLASH_ATTN_FUNC", [])
+    assert da._flash_attn_func() is None
+
+
 @pytest.mark.parametrize("length,heads,segments,ratios", LAYOUTS[:2])
 def test_gradients_match_upstream_port(length, heads, segments, ratios):
     """Upstream computes the merge weights under no_grad; gradients flow through the branch outputs only."""

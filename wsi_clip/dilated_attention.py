@@ -24,6 +24,7 @@ Differences that do not change the numbers (beyond float rounding):
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,14 +68,40 @@ def chunked_attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor,
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2).detach()
 
 
+_FLASH_ATTN_FUNC: list = []  # [flash_attn.flash_attn_func or None] once looked up
+
+
+def _flash_attn_func() -> Callable | None:
+    """The flash-attn package's ``flash_attn_func`` when it is installed (optional, never required), else ``None``."""
+    if not _FLASH_ATTN_FUNC:
+        try:
+            from flash_attn import flash_attn_func
+        except Exception:  # not installed, or built for another torch / CUDA: PyTorch's kernels do the job
+            flash_attn_func = None
+        _FLASH_ATTN_FUNC.append(flash_attn_func)
+    return _FLASH_ATTN_FUNC[0]
+
+
+def _flash_attn_with_lse(flash_attn_func: Callable, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The original's call: ``flash_attn_func(..., return_attn_probs=True)`` on ``[B, l, H, d]`` gives the output and
+    the log-sum-exp ``[B, H, l]`` (older releases round the lse length up: cut to l)."""
+    out, lse, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.0,
+                                  causal=False, return_attn_probs=True)
+    return out.transpose(1, 2), lse[..., : q.shape[-2]]
+
+
 def _fused_attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
-    """PyTorch's fused flash / memory-efficient kernels, which return the lse; ``None`` where there is none."""
+    """Fused kernels that return the lse: PyTorch's CPU flash kernel; on CUDA the flash-attn package when installed,
+    else PyTorch's flash / memory-efficient kernels. ``None`` where there is none."""
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
         return out, lse
     if q.device.type == "cuda":
         head_dim = q.shape[-1]
         if q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256:
+            flash_attn_func = _flash_attn_func()
+            if flash_attn_func is not None:
+                return _flash_attn_with_lse(flash_attn_func, q, k, v)
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
         else:
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
