@@ -174,6 +174,16 @@ def parallel_direct_read(monkeypatch):
     monkeypatch.setattr(slide_io, "_READ_PIECE_BYTES", 7 * 4 * 16)  # 7 rows of 16 float32 per piece
     monkeypatch.setattr(slide_io, "_PARALLEL_READ_MIN_BYTES", 0)
     monkeypatch.setattr(slide_io.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(slide_io.os, "cpu_count", lambda: 2)
+    pools = []
+
+    class CountingPool(slide_io.ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(slide_io, "ThreadPoolExecutor", CountingPool)
+    monkeypatch.setattr(slide_io, "pools_started", pools, raising=False)  # read by the tests below
     return slide_io
 
 
@@ -211,8 +221,9 @@ def test_full_read_is_exact_for_every_storage_and_finds_nonfinite_rows(tmp_path,
     np.testing.assert_array_equal(read_slide(shuffled).features.numpy(), expected)
     rows = np.concatenate([perm[:80], perm[:5]])  # most rows, caller order, duplicates
     np.testing.assert_array_equal(read_slide(path, rows=rows).features.numpy(), expected[rows])
-    # the direct reader was tried each time; it reads contiguous float16/float32 and declines the rest
+    # the direct reader was tried each time; it reads contiguous float16/float32 (on two threads) and declines the rest
     assert direct_used == [storage.startswith("contiguous"), True, storage.startswith("contiguous")]
+    assert len(parallel_direct_read.pools_started) == sum(direct_used)
 
     bad = [0, 57, 102]  # first, middle and last piece
     with h5py.File(path, "r+") as f:
