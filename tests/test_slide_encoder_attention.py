@@ -197,6 +197,52 @@ def test_gradients_match_upstream_port(length, heads, segments, ratios):
         assert (g.double() - r).abs().max() / r.abs().max() < 1e-5
 
 
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd keeps for backward while ``fn()`` builds its graph."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def test_training_keeps_dense_qkv_not_dilated_copies(monkeypatch):
+    """On CPU the fused path regathers each branch's dilated q/k/v in backward: same gradients as keeping the
+    copies, and less memory held between forward and backward."""
+    import wsi_clip.dilated_attention as da
+
+    torch.manual_seed(2)
+    length, heads, segments, ratios = 50, 6, [7, 12, 24, 100], [1, 2, 4, 8]
+    base = [torch.randn(1, length, heads, 8) for _ in range(3)]
+    grad_out = torch.randn(1, length, heads, 8)
+
+    def run(need=(True, True, True)):
+        inputs = [t.clone().requires_grad_(n) for t, n in zip(base, need)]
+        out, saved = _saved_bytes(lambda: dilated_attention(*inputs, segments, ratios))
+        wanted = [t for t in inputs if t.requires_grad]
+        return out, saved, torch.autograd.grad(out, wanted, grad_out)
+
+    calls = []
+    real_apply = da._RegatheredCpuAttention.apply
+    monkeypatch.setattr(da._RegatheredCpuAttention, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    out, saved_regather, grads = run()
+    assert len(calls) > 0
+    partial = run(need=(False, True, False))[2]  # only k needs a gradient
+    keep_copies = lambda seg, ratio, *qkv: da.attention_with_lse(*(da._dilate(t, seg, ratio) for t in qkv))
+    monkeypatch.setattr(da._RegatheredCpuAttention, "apply", keep_copies)
+    ref_out, saved_plain, ref_grads = run()
+    assert torch.equal(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).abs().max() <= 1e-6 * r.abs().max()
+    assert (partial[0] - ref_grads[1]).abs().max() <= 1e-6 * ref_grads[1].abs().max()
+    assert saved_regather < 0.75 * saved_plain, (saved_regather, saved_plain)
+
+
 def _tiny_config(**overrides) -> SlideEncoderConfig:
     base = dict(input_dim=24, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                 segment_length=[8, 16, 64], dilated_ratio=[1, 2, 4], dropout=0.0, drop_path_rate=0.0,

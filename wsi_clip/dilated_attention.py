@@ -229,9 +229,8 @@ def _buffer(workspace: dict | None, name: str, like: Tensor, shape: tuple[int, .
 
 
 def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_length: list[int], dilated_ratio: list[int],
-                      attend: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] = attention_with_lse,
-                      materialize_padding: bool | None = None, max_call_elements: int | None = None,
-                      workspace: dict | None = None) -> Tensor:
+                      backend: str = "auto", materialize_padding: bool | None = None,
+                      max_call_elements: int | None = None, workspace: dict | None = None) -> Tensor:
     """LongNet multi-branch dilated attention of slides that all have the same length ``L`` (no batch padding).
 
     q, k, v: ``[G, L, H, d]`` projected queries / keys / values (any strides). Returns ``[G, L, H, d]`` (before
@@ -243,6 +242,10 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_length: list[int]
     and the weighted pieces are scattered by :class:`_ScatterPieces`, whose backward is a plain gather.
 
     Args:
+        backend: attention kernel, see :func:`attention_with_lse`. When autograd records on CPU with the fused
+            kernel, each call goes through :class:`_RegatheredCpuAttention`, which keeps the dense q/k/v for
+            backward instead of their per-branch dilated copies (28 % less training memory at 16k tiles, same
+            gradients).
         materialize_padding: compute a short last segment's zero pad keys explicitly instead of folding them in
             analytically. Both give upstream's outputs; only the former gives upstream's gradients, so the
             default is "whenever autograd records".
@@ -251,8 +254,11 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_length: list[int]
         workspace: dict for reusing the merge buffers across calls (inference).
     """
     groups, length, heads, head_dim = q.shape
+    records = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if materialize_padding is None:
-        materialize_padding = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        materialize_padding = records
+    regather = (records and q.device.type == "cpu" and backend in ("auto", "fused")
+                and (q.device.type, q.dtype) not in _FUSED_FAILED)
     # Layout of every branch: (ratio, seg, seg_r, whole segments, tail tokens, segments per kernel call);
     # total = rows of the merge buffers (the concatenated padded segments).
     layout, total = [], length
@@ -298,11 +304,23 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_length: list[int]
         if not online:
             pieces.append((out, lse, (start, m, seg_r, ratio)))
 
+    def attend(*qkv: Tensor) -> tuple[Tensor, Tensor]:
+        return attention_with_lse(*qkv, backend=backend)
+
     for ratio, seg, seg_r, n_full, tail, step in layout:
         for first in range(0, n_full, step):
             m = min(step, n_full - first)
-            out, lse = attend(*(_dilate(_rows(t, first * seg, (first + m) * seg), seg, ratio, buf)
-                                for t, buf in zip((q, k, v), scratch)))
+            dense = [_rows(t, first * seg, (first + m) * seg) for t in (q, k, v)]  # [G, m*seg, H, d]
+            if regather:
+                try:
+                    out, lse = _RegatheredCpuAttention.apply(seg, ratio, *dense)
+                except (RuntimeError, NotImplementedError) as err:  # no fused kernel for this dtype
+                    if backend == "fused" or isinstance(err, _OUT_OF_MEMORY):
+                        raise
+                    _FUSED_FAILED.add((q.device.type, q.dtype))
+                    regather = False
+            if not regather:
+                out, lse = attend(*(_dilate(t, seg, ratio, buf) for t, buf in zip(dense, scratch)))
             merge(out, lse, first * seg_r, m, seg_r, ratio)
         if tail:
             # Short last segment: upstream zero-pads it to seg_r, i.e. (seg_r - tail_r) / r extra keys per head
@@ -329,6 +347,43 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_length: list[int]
         weighted.append(out * weight.to(out.dtype))
     shape = (groups, total, hp, head_dim, length, heads)
     return _ScatterPieces.apply(shape, [place for _, _, place in pieces], *weighted).to(q.dtype)
+
+
+class _RegatheredCpuAttention(torch.autograd.Function):
+    """One kernel call of a dilated branch on CPU with the fused kernel, for training.
+
+    Autograd would keep the branch's dilated copies of q/k/v ``[G*m, H, l, d]`` (gathered, zero-padded) until
+    backward: three extra ``[L, D]`` tensors per dilated branch and layer, about a third of what a layer keeps.
+    Here backward gathers them again from the dense q/k/v (which the layer keeps anyway; a cheap copy, no
+    attention recomputation) and scatters the kernel's gradients back through the gather's own autograd graph,
+    so the gradients are exactly those of the plain path.
+    """
+
+    @staticmethod
+    def forward(ctx, seg: int, ratio: int, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            *(_dilate(t, seg, ratio) for t in (q, k, v)))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.seg, ctx.ratio = seg, ratio
+        lse = lse.float()
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_lse: Tensor | None):
+        q, k, v, out, lse = ctx.saved_tensors
+        with torch.enable_grad():
+            dense = [t.detach().requires_grad_(needs) for t, needs in zip((q, k, v), ctx.needs_input_grad[2:])]
+            gathered = [_dilate(t, ctx.seg, ctx.ratio) for t in dense]
+        kernel_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, *(t.detach() for t in gathered), out, lse, 0.0, False)
+        wanted = [i for i, t in enumerate(dense) if t.requires_grad]
+        grads = torch.autograd.grad([gathered[i] for i in wanted], [dense[i] for i in wanted],
+                                    [kernel_grads[i] for i in wanted]) if wanted else ()
+        result: list[Tensor | None] = [None, None, None]
+        for i, grad in zip(wanted, grads):
+            result[i] = grad
+        return (None, None, *result)
 
 
 class _ScatterPieces(torch.autograd.Function):
@@ -403,9 +458,6 @@ class DilatedSelfAttention(nn.Module):
         """Sub-LN then output projection: ``out_proj(inner_attn_ln(attn))``, ``[..., D]``."""
         return self.out_proj(self.inner_attn_ln(attn))
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return attention_with_lse(q, k, v, self.backend)
-
     def attend(self, qkv: Tensor, lengths: list[int], output_cls_attention: bool = False,
                workspace: dict | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Dilated attention of ``qkv [B, Lmax, 3D]``, slide ``b``'s real tokens at ``[:lengths[b]]`` (CLS first).
@@ -420,7 +472,7 @@ class DilatedSelfAttention(nn.Module):
         shape = (batch, max_len, self.num_heads, self.head_dim)
         q, k, v = qkv.view(batch, max_len, 3, self.num_heads, self.head_dim).unbind(2)  # [B, Lmax, H, d] views
         run = lambda a, b, c: dilated_attention(
-            a, b, c, self.segment_length, self.dilated_ratio, self._attend,
+            a, b, c, self.segment_length, self.dilated_ratio, self.backend,
             max_call_elements=self.inference_call_elements if workspace is not None else None, workspace=workspace)
 
         groups = _length_groups(lengths)
