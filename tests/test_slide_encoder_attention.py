@@ -167,7 +167,7 @@ def test_flash_attn_package_is_called_like_the_original_when_installed(monkeypat
         return out.transpose(1, 2), F.pad(lse, (0, 128 - lse.shape[-1] % 128)), None  # lse rounded up, as v1
 
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=fake_flash_attn_func))
-    monkeypatch.setattr(da, "_FLASH_ATTN_FUNC", [])
+    da._flash_attn_func.cache_clear()
     assert da._flash_attn_func() is fake_flash_attn_func
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 70, 16) for _ in range(3))
@@ -177,8 +177,9 @@ def test_flash_attn_package_is_called_like_the_original_when_installed(monkeypat
     assert out.shape == q.shape and lse.shape == (2, 4, 70)
     assert torch.allclose(out, ref_out, atol=1e-6) and torch.allclose(lse, ref_lse, atol=1e-6)
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed: the import fails
-    monkeypatch.setattr(da, "_FLASH_ATTN_FUNC", [])
+    da._flash_attn_func.cache_clear()
     assert da._flash_attn_func() is None
+    da._flash_attn_func.cache_clear()  # later lookups see the real environment
 
 
 @pytest.mark.parametrize("length,heads,segments,ratios", LAYOUTS[:2])
@@ -197,7 +198,7 @@ def test_gradients_match_upstream_port(length, heads, segments, ratios):
         assert (g.double() - r).abs().max() / r.abs().max() < 1e-5
 
 
-def _saved_bytes(fn) -> int:
+def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
     """Bytes of distinct storages autograd keeps for backward while ``fn()`` builds its graph."""
     storages = {}
 
@@ -241,6 +242,30 @@ def test_training_keeps_dense_qkv_not_dilated_copies(monkeypatch):
         assert (g - r).abs().max() <= 1e-6 * r.abs().max()
     assert (partial[0] - ref_grads[1]).abs().max() <= 1e-6 * ref_grads[1].abs().max()
     assert saved_regather < 0.75 * saved_plain, (saved_regather, saved_plain)
+
+
+def test_training_falls_back_when_the_fused_kernel_fails(monkeypatch):
+    """A kernel error in training (e.g. a dtype without a fused CPU kernel) falls back to the portable path once
+    and for all for that device/dtype, with the same outputs and gradients."""
+    import wsi_clip.dilated_attention as da
+
+    torch.manual_seed(3)
+    inputs = [torch.randn(1, 37, 4, 8, requires_grad=True) for _ in range(3)]
+    ref = dilated_attention(*inputs, [8, 16, 64], [1, 2, 4], backend="chunked")
+    ref_grads = torch.autograd.grad(ref.sum(), inputs)
+
+    def broken(*args):
+        raise RuntimeError("no fused kernel")
+
+    monkeypatch.setattr(da._RegatheredCpuAttention, "apply", broken)
+    monkeypatch.setattr(da, "_FUSED_FAILED", set())
+    out = dilated_attention(*inputs, [8, 16, 64], [1, 2, 4])
+    assert da._FUSED_FAILED == {("cpu", torch.float32)}
+    assert torch.allclose(out, ref, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(out.sum(), inputs), ref_grads):
+        assert torch.allclose(g, r, atol=1e-5)
+    with pytest.raises(RuntimeError, match="no fused kernel"):  # backend="fused" never falls back
+        dilated_attention(*inputs, [8, 16, 64], [1, 2, 4], backend="fused")
 
 
 def _tiny_config(**overrides) -> SlideEncoderConfig:

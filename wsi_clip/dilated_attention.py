@@ -23,6 +23,7 @@ Differences that do not change the numbers (beyond float rounding):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -68,18 +69,14 @@ def chunked_attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor,
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2).detach()
 
 
-_FLASH_ATTN_FUNC: list = []  # [flash_attn.flash_attn_func or None] once looked up
-
-
+@functools.lru_cache(maxsize=None)
 def _flash_attn_func() -> Callable | None:
     """The flash-attn package's ``flash_attn_func`` when it is installed (optional, never required), else ``None``."""
-    if not _FLASH_ATTN_FUNC:
-        try:
-            from flash_attn import flash_attn_func
-        except Exception:  # not installed, or built for another torch / CUDA: PyTorch's kernels do the job
-            flash_attn_func = None
-        _FLASH_ATTN_FUNC.append(flash_attn_func)
-    return _FLASH_ATTN_FUNC[0]
+    try:
+        from flash_attn import flash_attn_func
+    except Exception:  # not installed, or built for another torch / CUDA: PyTorch's kernels do the job
+        return None
+    return flash_attn_func
 
 
 def _flash_attn_with_lse(flash_attn_func: Callable, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,6 +106,26 @@ def _fused_attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, 
     return None
 
 
+def _fused_allowed(q: Tensor, backend: str) -> bool:
+    """Whether to try the fused kernel: ``"fused"`` always, ``"auto"`` until it has failed for q's device/dtype."""
+    return backend == "fused" or (backend == "auto" and (q.device.type, q.dtype) not in _FUSED_FAILED)
+
+
+def _try_fused(q: Tensor, backend: str, call: Callable[[], tuple[Tensor, Tensor] | None]
+               ) -> tuple[Tensor, Tensor] | None:
+    """``call()``; with ``backend="auto"`` a kernel error (not out-of-memory) returns ``None`` and disables the fused
+    kernel for q's device/dtype once and for all, so the caller falls back to the portable path."""
+    try:
+        return call()
+    except _OUT_OF_MEMORY:
+        raise
+    except (RuntimeError, NotImplementedError, AttributeError):
+        if backend == "fused":
+            raise
+        _FUSED_FAILED.add((q.device.type, q.dtype))
+        return None
+
+
 def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Exact bidirectional softmax attention (scale ``d**-0.5``) plus the per-query log-sum-exp.
 
@@ -116,17 +133,8 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -
     ``"auto"`` uses the fused kernel of the device when it runs (falling back to chunked matmul once and for all
     for that device/dtype if it raises), ``"fused"`` requires it, ``"chunked"`` always uses the portable path.
     """
-    key = (q.device.type, q.dtype)
-    if backend == "fused" or (backend == "auto" and key not in _FUSED_FAILED):
-        try:
-            result = _fused_attention_with_lse(q, k, v)
-        except _OUT_OF_MEMORY:
-            raise
-        except (RuntimeError, NotImplementedError, AttributeError):
-            if backend == "fused":
-                raise
-            _FUSED_FAILED.add(key)
-            result = None
+    if _fused_allowed(q, backend):
+        result = _try_fused(q, backend, lambda: _fused_attention_with_lse(q, k, v))
         if result is not None:
             return result[0], result[1].float()
         if backend == "fused":
@@ -257,8 +265,7 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_length: list[int]
     records = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if materialize_padding is None:
         materialize_padding = records
-    regather = (records and q.device.type == "cpu" and backend in ("auto", "fused")
-                and (q.device.type, q.dtype) not in _FUSED_FAILED)
+    regather = records and q.device.type == "cpu" and _fused_allowed(q, backend)
     # Layout of every branch: (ratio, seg, seg_r, whole segments, tail tokens, segments per kernel call);
     # total = rows of the merge buffers (the concatenated padded segments).
     layout, total = [], length
@@ -311,16 +318,13 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_length: list[int]
         for first in range(0, n_full, step):
             m = min(step, n_full - first)
             dense = [_rows(t, first * seg, (first + m) * seg) for t in (q, k, v)]  # [G, m*seg, H, d]
+            result = None
             if regather:
-                try:
-                    out, lse = _RegatheredCpuAttention.apply(seg, ratio, *dense)
-                except (RuntimeError, NotImplementedError) as err:  # no fused kernel for this dtype
-                    if backend == "fused" or isinstance(err, _OUT_OF_MEMORY):
-                        raise
-                    _FUSED_FAILED.add((q.device.type, q.dtype))
-                    regather = False
-            if not regather:
-                out, lse = attend(*(_dilate(t, seg, ratio, buf) for t, buf in zip(dense, scratch)))
+                result = _try_fused(q, backend, lambda: _RegatheredCpuAttention.apply(seg, ratio, *dense))
+                regather = result is not None  # no fused kernel for this dtype: the plain path from now on
+            if result is None:
+                result = attend(*(_dilate(t, seg, ratio, buf) for t, buf in zip(dense, scratch)))
+            out, lse = result
             merge(out, lse, first * seg_r, m, seg_r, ratio)
         if tail:
             # Short last segment: upstream zero-pads it to seg_r, i.e. (seg_r - tail_r) / r extra keys per head
