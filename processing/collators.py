@@ -81,13 +81,16 @@ class ContrastiveCollator(_SlideBatcher):
 
 @dataclass
 class InstructionCollator(_SlideBatcher):
-    """Rows ``{h5_path, conversations | question+answer}`` → slides + prompt tokens + labels.
+    """Rows ``{h5_path, conversations | question+answer}`` → slides + prompt tokens + labels + question mask.
 
     Labels are -100 on every prompt token (system/user turns, template text, the slide placeholder) and on
-    padding; only assistant replies are trained. Right padding (training); generation pads left itself.
+    padding; only assistant replies are trained. ``question_mask [B, T]`` marks the tokens of the question answered
+    first (what prompt-guided token selection reads, as at inference). Right padding (training); generation pads
+    left itself.
     """
 
     max_length: int | None = None
+    text_only: bool = False  # the no-slide baseline: same prompts without the placeholder, no slide read
 
     def example(self, row: dict[str, Any]) -> dict[str, list[int]]:
         """Token ids + labels of one row; :class:`~processing.errors.PromptError` naming the file and annotation row
@@ -96,10 +99,11 @@ class InstructionCollator(_SlideBatcher):
             {"role": "user", "content": str(row["question"])},
             {"role": "assistant", "content": str(row["answer"])}]
         source = f"{row.get('h5_path', '?')} (annotation row {row.get('row', '?')})"
-        return self.processor.build_instruction_example(conversation, self.max_length, source)
+        return self.processor.build_instruction_example(conversation, self.max_length, source,
+                                                        with_slide=not self.text_only)
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self._slides(rows)
+        batch = {} if self.text_only else self._slides(rows)
         examples = [self.example(row) for row in rows]
         tokenizer = self.processor.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -107,12 +111,14 @@ class InstructionCollator(_SlideBatcher):
         input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)  # [B, T]
         labels = torch.full((len(rows), length), -100, dtype=torch.long)  # [B, T]
         attention = torch.zeros((len(rows), length), dtype=torch.long)  # [B, T]
+        question = torch.zeros((len(rows), length), dtype=torch.bool)  # [B, T]
         for i, e in enumerate(examples):
             n = len(e["input_ids"])
             input_ids[i, :n] = torch.tensor(e["input_ids"])
             labels[i, :n] = torch.tensor(e["labels"])
+            question[i, :n] = torch.tensor(e["question_mask"], dtype=torch.bool)
             attention[i, :n] = 1
-        batch.update(input_ids=input_ids, attention_mask=attention, labels=labels)
+        batch.update(input_ids=input_ids, attention_mask=attention, labels=labels, question_mask=question)
         return batch
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 import numpy as np
@@ -24,7 +25,18 @@ SlideInput = Union[str, "os.PathLike[str]", SlideFeatures, torch.Tensor, tuple, 
 
 # Used when the tokenizer has no chat template. Plain, model-agnostic, and prefix-stable (each turn only appends).
 DEFAULT_USER_TEMPLATE = "USER: {content}\nASSISTANT:"
-DEFAULT_ASSISTANT_TEMPLATE = " {content}{eos}\n"
+DEFAULT_ASSISTANT_TEMPLATE = " {content}{eos}"  # the space belongs to the answer: trained, and generated
+DEFAULT_TURN_SEPARATOR = "\n"
+
+
+@dataclass(frozen=True)
+class PromptPiece:
+    """A run of prompt text (``trained=False``) or one assistant reply (``trained=True``), tokenised on its own;
+    ``questions`` holds the character spans of the user questions inside a prompt piece."""
+
+    text: str
+    trained: bool
+    questions: tuple[tuple[int, int], ...] = ()
 
 
 class WSIProcessor(ProcessorMixin):
@@ -204,94 +216,182 @@ class WSIProcessor(ProcessorMixin):
                               "Call processor.ensure_slide_token() and resize the language model's embeddings.")
         return vocab[self.slide_token]
 
-    def _chat_turns(self, conversation: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-        """Normalised turns with the slide placeholder at the start of the first user turn."""
+    def _chat_turns(self, conversation: Sequence[dict[str, str]], with_slide: bool = True) -> list[dict[str, str]]:
+        """Normalised turns with the slide placeholder at the start of the first user turn (``with_slide=False``:
+        no placeholder at all, for text-only baselines)."""
         turns = [{"role": t["role"], "content": str(t["content"])} for t in conversation]
         if not turns or turns[0]["role"] not in ("user", "system"):
             raise PromptError("a conversation must start with a user (or system) turn.")
-        if not any(self.slide_token in t["content"] for t in turns):
+        if not with_slide:
+            for turn in turns:
+                turn["content"] = turn["content"].replace(self.slide_token, "").strip()
+        elif not any(self.slide_token in t["content"] for t in turns):
             first_user = next(i for i, t in enumerate(turns) if t["role"] == "user")
             turns[first_user]["content"] = f"{self.slide_token}\n{turns[first_user]['content']}"
         return turns
 
-    def render_conversation(self, conversation: Sequence[dict[str, str]], add_generation_prompt: bool = False
-                            ) -> tuple[str, list[tuple[int, int]]]:
-        """Prompt text of a conversation and the character spans of every assistant reply (the trained part).
+    def _question_text(self, content: str) -> str:
+        """A user turn's question without the slide placeholder (what prompt-guided selection reads)."""
+        return content.replace(self.slide_token, "").strip()
 
-        Uses the processor's or tokenizer's chat template when there is one, else a plain USER/ASSISTANT
-        format. Spans are found by rendering prefixes, so the template must only ever append.
+    def prompt_pieces(self, conversation: Sequence[dict[str, str]], add_generation_prompt: bool = False,
+                      with_slide: bool = True) -> list[PromptPiece]:
+        """The conversation as alternating prompt / answer pieces, each tokenised on its own.
+
+        Tokenising piece by piece makes the generation prompt of turn ``k`` the training prefix of that turn *token for
+        token*: a tokenizer that merges across the prompt/answer boundary (byte-level BPE turns ``'ASSISTANT: 3'`` into
+        ``[..., ':', 'Ġ', '3']``) would otherwise train with a different prefix than it generates from. In the plain
+        format the space before an answer belongs to the answer piece, so it is trained and generated like any token.
+        Each user turn's piece records the character span of its question (placeholder excluded).
         """
         tokenizer = self._require_tokenizer()
-        turns = self._chat_turns(conversation)
+        turns = self._chat_turns(conversation, with_slide)
+        if add_generation_prompt and turns[-1]["role"] == "assistant":
+            raise PromptError("add_generation_prompt needs a conversation ending with a user turn.")
         template = self.chat_template or getattr(tokenizer, "chat_template", None)
-        eos = tokenizer.eos_token or ""
-        spans: list[tuple[int, int]] = []
+        pieces: list[PromptPiece] = []
+
+        def add_prompt(text: str, question: tuple[int, int] | None = None) -> None:
+            if pieces and not pieces[-1].trained:  # adjacent prompt text is one piece (same rule in every call)
+                last = pieces[-1]
+                shift = len(last.text)
+                spans = last.questions + ((question[0] + shift, question[1] + shift),) if question else last.questions
+                pieces[-1] = PromptPiece(last.text + text, False, spans)
+            else:
+                pieces.append(PromptPiece(text, False, (question,) if question else ()))
+
         if template is None:
-            text = ""
+            eos = tokenizer.eos_token or ""
             for turn in turns:
                 if turn["role"] == "assistant":
-                    start = len(text) + 1  # after the leading space
-                    text += DEFAULT_ASSISTANT_TEMPLATE.format(content=turn["content"], eos=eos)
-                    spans.append((start, len(text) - 1))  # reply + eos, not the trailing newline
+                    pieces.append(PromptPiece(DEFAULT_ASSISTANT_TEMPLATE.format(content=turn["content"], eos=eos), True))
+                    add_prompt(DEFAULT_TURN_SEPARATOR)
                 elif turn["role"] == "system":
-                    text += turn["content"] + "\n"
+                    add_prompt(turn["content"] + "\n")
                 else:
-                    text += DEFAULT_USER_TEMPLATE.format(content=turn["content"])
-            if add_generation_prompt and turns[-1]["role"] == "assistant":
-                raise PromptError("add_generation_prompt needs a conversation ending with a user turn.")
-            return text, spans
+                    text = DEFAULT_USER_TEMPLATE.format(content=turn["content"])
+                    question = self._question_text(turn["content"])
+                    start = text.rfind(question) if question else -1
+                    add_prompt(text, (start, start + len(question)) if start >= 0 else None)
+            if pieces and not pieces[-1].trained and pieces[-1].text == DEFAULT_TURN_SEPARATOR and turns[-1]["role"] \
+                    == "assistant":
+                pieces.pop()  # no dangling separator after the last answer
+            return pieces
 
         def render(msgs: list[dict[str, str]], gen: bool) -> str:
+            if not msgs:
+                return ""
             return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
                                                  add_generation_prompt=gen)
 
+        done = ""  # text rendered so far (a prefix of every later rendering)
         for k, turn in enumerate(turns):
-            if turn["role"] != "assistant":
-                continue
-            prefix = render(turns[:k], True)
-            full = render(turns[: k + 1], False)
-            if not full.startswith(prefix):
-                raise PromptError("the chat template is not prefix-stable (rendering a reply changes earlier "
-                                  "text), so answer tokens cannot be located; use a template that only appends.")
-            spans.append((len(prefix), len(full)))
-        return render(turns, add_generation_prompt), spans
+            if turn["role"] == "assistant":
+                prefix, full = render(turns[:k], True), render(turns[: k + 1], False)
+                if not (prefix.startswith(done) and full.startswith(prefix)):
+                    raise PromptError("the chat template is not prefix-stable (rendering a reply changes earlier "
+                                      "text), so answer tokens cannot be located; use a template that only appends.")
+                add_prompt(prefix[len(done):])
+                pieces.append(PromptPiece(full[len(prefix):], True))
+                done = full
+            elif turn["role"] == "user":
+                rendered = render(turns[: k + 1], False)
+                if not rendered.startswith(done):
+                    raise PromptError("the chat template is not prefix-stable (a new user turn changes earlier text).")
+                new = rendered[len(done):]
+                question = self._question_text(turn["content"])
+                start = new.rfind(question) if question else -1
+                add_prompt(new, (start, start + len(question)) if start >= 0 else None)
+                done = rendered
+            # system turns are rendered together with the next user turn
+        if turns[-1]["role"] != "assistant":
+            final = render(turns, add_generation_prompt)
+            if not final.startswith(done):
+                raise PromptError("the chat template is not prefix-stable (the generation prompt changes earlier text).")
+            if len(final) > len(done):
+                add_prompt(final[len(done):])
+        return pieces
+
+    def render_conversation(self, conversation: Sequence[dict[str, str]], add_generation_prompt: bool = False
+                            ) -> tuple[str, list[tuple[int, int]]]:
+        """Prompt text of a conversation and the character spans of every assistant reply (the trained part)."""
+        text, spans = "", []
+        for piece in self.prompt_pieces(conversation, add_generation_prompt):
+            if piece.trained:
+                spans.append((len(text), len(text) + len(piece.text)))
+            text += piece.text
+        return text, spans
+
+    def _tokenize_pieces(self, pieces: Sequence[PromptPiece], current_question: int
+                         ) -> tuple[list[int], list[int], list[int]]:
+        """ids, labels and question mask of ``pieces``; the question mask marks the tokens of the
+        ``current_question``-th user question (``-1``: the last one)."""
+        tokenizer = self._require_tokenizer()
+        ids: list[int] = []
+        labels: list[int] = []
+        spans: list[list[int]] = []  # per user question: its token positions
+        for piece in pieces:
+            enc = tokenizer(piece.text, add_special_tokens=False, return_offsets_mapping=bool(piece.questions))
+            piece_ids = list(enc["input_ids"])
+            for start, end in piece.questions:
+                spans.append([len(ids) + i for i, (s, e) in enumerate(enc["offset_mapping"])
+                              if e > s and s < end and e > start])
+            ids += piece_ids
+            labels += piece_ids if piece.trained else [-100] * len(piece_ids)
+        bos = tokenizer.bos_token_id
+        if bos is not None and getattr(tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos) and not (
+                pieces and pieces[0].text.startswith(tokenizer.bos_token or "\0")):
+            ids, labels = [bos] + ids, [-100] + labels
+            spans = [[i + 1 for i in span] for span in spans]
+        question = [0] * len(ids)
+        if spans:
+            slide_id = tokenizer.get_vocab().get(self.slide_token, -1)
+            for i in spans[current_question]:
+                question[i] = int(ids[i] != slide_id)
+        return ids, labels, question
 
     def build_instruction_example(self, conversation: Sequence[dict[str, str]], max_length: int | None = None,
-                                  source: str = "example") -> dict[str, list[int]]:
-        """Token ids and labels for one conversation: labels are -100 everywhere but the assistant replies.
+                                  source: str = "example", with_slide: bool = True) -> dict[str, list[int]]:
+        """Token ids, labels and question mask for one training conversation.
 
-        Truncation (to ``max_length``) cuts from the end; it is an error when the slide placeholder or the
-        whole first answer would be lost, never a silent shape mismatch.
+        Labels are -100 everywhere but the assistant replies. ``question_mask`` marks the tokens of the question
+        answered first (the user turn before the first reply: what prompt-guided token selection reads; one
+        selection serves the whole conversation). Truncation (to ``max_length``) cuts from the end; it is an error
+        when the slide placeholder or the whole first answer would be lost, never a silent shape mismatch.
+        ``with_slide=False`` builds the same example without the placeholder (the text-only baseline).
         """
-        tokenizer = self._require_tokenizer()
-        slide_id = self.slide_token_id
-        text, spans = self.render_conversation(conversation)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids: list[int] = list(enc["input_ids"])
-        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) and (
-                not ids or ids[0] != tokenizer.bos_token_id) and not text.startswith(tokenizer.bos_token or "\0"):
-            ids = [tokenizer.bos_token_id] + ids
-            offsets = [(0, 0)] + list(enc["offset_mapping"])
-        else:
-            offsets = list(enc["offset_mapping"])
-        labels = [-100] * len(ids)
-        for i, (start, end) in enumerate(offsets):
-            if end > start and any(start < s_end and end > s_start for s_start, s_end in spans):
-                labels[i] = ids[i]
-        if ids.count(slide_id) != 1:
+        slide_id = self.slide_token_id if with_slide else self._require_tokenizer().get_vocab().get(
+            self.slide_token, -1)
+        pieces = self.prompt_pieces(conversation, with_slide=with_slide)
+        first_answer = next((i for i, p in enumerate(pieces) if p.trained), len(pieces))
+        questions_before = sum(len(p.questions) for p in pieces[:first_answer])
+        ids, labels, question = self._tokenize_pieces(pieces, max(questions_before - 1, 0))
+        if ids.count(slide_id) != int(with_slide):
             raise PromptError(f"{source}: the prompt must contain the slide placeholder {self.slide_token!r} "
-                              f"exactly once, found {ids.count(slide_id)} (is it also written in the question?).")
+                              f"{'exactly once' if with_slide else 'never (text only)'}, found {ids.count(slide_id)} "
+                              "(is it also written in the question?).")
+        full_length = len(ids)
         limit = max_length or self.max_length
         if limit is not None and len(ids) > limit:
-            ids, labels = ids[:limit], labels[:limit]
-            if slide_id not in ids:
+            ids, labels, question = ids[:limit], labels[:limit], question[:limit]
+            if with_slide and slide_id not in ids:
                 raise PromptError(f"{source}: max_length={limit} cuts off the slide placeholder; raise max_length.")
             if all(label == -100 for label in labels):
-                raise PromptError(f"{source}: max_length={limit} cuts off the whole answer (prompt is "
-                                  f"{len(enc['input_ids'])} tokens); raise max_length or shorten the question.")
+                raise PromptError(f"{source}: max_length={limit} cuts off the whole answer (the example is "
+                                  f"{full_length} tokens); raise max_length or shorten the question.")
         if all(label == -100 for label in labels):
             raise PromptError(f"{source}: the conversation has no answer tokens to train on.")
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": labels, "question_mask": question}
+
+    def build_generation_example(self, question: str | Sequence[dict[str, str]], with_slide: bool = True
+                                 ) -> dict[str, list[int]]:
+        """Token ids and question mask of a generation prompt: the conversation so far (a question, or turns ending
+        with a user turn) plus the assistant prefix. The ids equal the training ids of the same turns up to the
+        first answer token, and the question mask marks the last user question."""
+        turns = [{"role": "user", "content": question}] if isinstance(question, str) else list(question)
+        pieces = self.prompt_pieces(turns, add_generation_prompt=True, with_slide=with_slide)
+        ids, _, mask = self._tokenize_pieces(pieces, -1)
+        return {"input_ids": ids, "question_mask": mask}
 
     def build_generation_prompt(self, question: str | Sequence[dict[str, str]]) -> str:
         """Prompt text for ``generate()``: the conversation so far plus the assistant prefix."""
@@ -304,4 +404,4 @@ class WSIProcessor(ProcessorMixin):
         return ["tile_features", "tile_coords", "tile_mask", "input_ids", "attention_mask"]
 
 
-__all__ = ["WSIProcessor"]
+__all__ = ["WSIProcessor", "PromptPiece"]

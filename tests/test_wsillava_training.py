@@ -150,8 +150,9 @@ def test_closed_and_open_metrics(data):
              for a, p in (("B", "B"), ("B", "A"), ("A", "A"), ("B", "C) G3"))]
     items.append({"question": "invasive ?", "answer": "Yes", "prediction": "yes, it is", "kind": "yes_no"})
     m = closed_metrics(items)
-    assert m["accuracy"] == pytest.approx(3 / 5) and m["majority_answer"] == "B"
-    assert m["majority_baseline"] == pytest.approx(3 / 5) and m["random_baseline"] == pytest.approx((4 * .25 + .5) / 5)
+    assert m["accuracy"] == pytest.approx(3 / 5) and m["majority_answer_by_kind"] == {"choice": "B", "yes_no": "yes"}
+    # per kind: B for the 4 choice items (3 right), "yes" for the yes/no item (1 right)
+    assert m["majority_baseline"] == pytest.approx(4 / 5) and m["random_baseline"] == pytest.approx((4 * .25 + .5) / 5)
     o = open_metrics(["the tumor is invasive", ""], ["the tumor is invasive", "normal tissue"])
     assert o["bleu_1"] == pytest.approx(0.5) and o["rouge_l"] == pytest.approx(0.5) and o["n"] == 2
     _, dataset = data

