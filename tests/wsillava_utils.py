@@ -49,3 +49,29 @@ def random_slides(sizes, seed: int = 0, columns: int = 7):
         coords = torch.stack([(i % columns) * 256, (i // columns) * 256], dim=1)
         slides.append((torch.randn(n, TILE_DIM, generator=gen), coords))
     return slides
+
+
+# The preamble of test_wsillava_model.REMOTE_SCRIPT: a fresh interpreter in which the editable install's finder is
+# gone and the checkout is off sys.path, so wsi_llava / wsi_clip / processing cannot be imported (remote code only).
+WITHOUT_PACKAGE_PREAMBLE = """
+import importlib.util, sys
+REPO = sys.argv.pop(1)
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path[:] = [p for p in sys.path if p not in ("", ".", REPO) and not p.startswith(REPO + "/tests")]
+for name in ("wsi_llava", "wsi_clip", "processing"):
+    assert importlib.util.find_spec(name) is None, f"{name} is importable: the test would prove nothing"
+"""
+
+
+def run_without_package(script: str, *args: str, tmp_path, timeout: int = 240):
+    """Run ``script`` (its ``sys.argv[1:]`` = ``args``) where the package cannot be imported, as the remote-code
+    tests of test_wsillava_model.py do; returns the ``CompletedProcess``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
+    return subprocess.run([sys.executable, "-c", WITHOUT_PACKAGE_PREAMBLE + script, repo, *map(str, args)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)

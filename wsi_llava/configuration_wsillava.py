@@ -70,5 +70,17 @@ class WSILlavaConfig(PretrainedConfig):
             raise ValueError(f"token_selection_kwargs must be a dict of selector options, got "
                              f"{type(self.token_selection_kwargs).__name__}.")
 
+    def to_dict(self) -> dict[str, Any]:
+        """As ``PretrainedConfig.to_dict``, plus ``auto_map["AutoModel"]`` (the base ``WSILlavaModel``) wherever the
+        ``auto_map`` names the generation class: ``save_pretrained`` writes only the saved class's own auto class,
+        so without it ``AutoModel.from_pretrained(ckpt, trust_remote_code=True)`` fails where the package is absent.
+        The module is the generation class's (both live in the copied ``modeling_wsillava.py``)."""
+        output = super().to_dict()
+        auto_map = output.get("auto_map")
+        head = auto_map.get("AutoModelForImageTextToText") if isinstance(auto_map, dict) else None
+        if isinstance(head, str) and head.endswith(".WSILlavaForConditionalGeneration") and "AutoModel" not in auto_map:
+            output["auto_map"] = {**auto_map, "AutoModel": head.rsplit(".", 1)[0] + ".WSILlavaModel"}
+        return output
+
 
 __all__ = ["WSILlavaConfig"]

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from .configuration_wsillava import WSILlavaConfig
-from .token_selection import TokenSelectionInputs, get_token_selector, run_token_selector
+from .token_selection import TokenSelectionInputs, TokenSelectionOutput, get_token_selector, run_token_selector
 
 try:  # in-process: one class identity with the wsi_clip package
     from wsi_clip.modeling_slide_encoder import SlideEncoderModel, from_pretrained_strict
@@ -36,7 +36,7 @@ except ImportError:  # remote code: the copied sibling
     from .modeling_slide_encoder import SlideEncoderModel, from_pretrained_strict
 
 SLIDE_INPUT_NAMES = ("tile_features", "tile_coords", "tile_mask", "token_selection", "token_selection_kwargs",
-                     "question_embedding")
+                     "question_embedding", "question_mask")
 SLIDE_ENCODER_MODEL_TYPE = "wsi_slide_encoder"
 GAMMA_PROBE_SIZE = 1024
 GAMMA_PROBE_SEED = 0
@@ -118,15 +118,25 @@ class WSILlavaCausalLMOutputWithPast(ModelOutput):
 # ------------------------------------------------------------------------------------------------ projector
 class WSILlavaProjector(nn.Module):
     """``gamma · Linear(H → H)(act(Linear(D → H)(x)))``; ``gamma`` is a learnable scalar kept inside this module so
-    that stage 2 ("projector only") and stage 3 (``modules_to_save``) train it with the MLP."""
+    that stage 2 ("projector only") and stage 3 (``modules_to_save``) train it with the MLP.
+
+    Its parameters are float32 whatever the LM dtype (fp32 master weights for a pure-bf16 run without DeepSpeed:
+    in bf16, ``0.03 + 2e-5 == 0.03`` and small updates of ``gamma`` are lost). They are created in float32 (also
+    under a bf16 default dtype), ``from_parts`` keeps them so, and ``from_pretrained(dtype=bf16 / fp16)`` loads them
+    in float32 (``_keep_in_fp32_modules_strict``). The output is cast to the LM embedding dtype where it is spliced.
+    An explicit ``model.to(torch.bfloat16)`` / ``.half()`` casts them like every other parameter (PyTorch semantics,
+    kept on purpose: DeepSpeed's bf16 mode casts the module this way and keeps its own fp32 master weights, and FSDP
+    flattens parameters of one dtype): call ``model.multi_modal_projector.float()`` afterwards to train the
+    projector in fp32 again."""
 
     def __init__(self, config: WSILlavaConfig):
         super().__init__()
         in_dim, out_dim = config.vision_config.hidden_size, config.text_config.hidden_size
-        self.linear_1 = nn.Linear(in_dim, out_dim, bias=config.projector_bias)
+        fp32 = {"dtype": torch.float32}  # fp32 master weights, whatever torch's default dtype is at build time
+        self.linear_1 = nn.Linear(in_dim, out_dim, bias=config.projector_bias, **fp32)
         self.act = ACT2FN[config.projector_hidden_act]
-        self.linear_2 = nn.Linear(out_dim, out_dim, bias=config.projector_bias)
-        self.gamma = nn.Parameter(torch.ones(()))
+        self.linear_2 = nn.Linear(out_dim, out_dim, bias=config.projector_bias, **fp32)
+        self.gamma = nn.Parameter(torch.ones((), **fp32))
 
     def mlp(self, x: Tensor) -> Tensor:
         return self.linear_2(self.act(self.linear_1(x)))
@@ -146,6 +156,9 @@ class WSILlavaPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["SlideEncoderLayer"]
+    # fp32 projector (MLP + gamma) on from_pretrained(dtype=bf16 or fp16): the `_strict` variant upcasts for both;
+    # plain `_keep_in_fp32_modules` would only do so for fp16 (transformers 5 `_get_dtype_plan`).
+    _keep_in_fp32_modules_strict = ["multi_modal_projector"]
     _skip_keys_device_placement = ["cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -173,6 +186,11 @@ class WSILlavaPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):  # rows added by resize_token_embeddings (e.g. the slide token)
+            # nn.Embedding's own N(0, 1) init is ~7x the scale of a pretrained LM's rows: with tied weights the new
+            # token's logit would dominate every prediction.
+            std = getattr(self.config.text_config, "initializer_range", 0.02)
+            init.normal_(module.weight, mean=0.0, std=std)
 
 
 class WSILlavaModel(WSILlavaPreTrainedModel):
@@ -210,7 +228,9 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
             value = float(self.config.projector_gamma_init)
         else:
             weight = self.get_input_embeddings().weight
-            target = float(torch.linalg.vector_norm(weight, dtype=torch.float32)) / math.sqrt(weight.numel())
+            # float64 sums over row blocks: a float32 norm of a 28M-entry matrix is already 0.2 % off
+            squares = sum(float(block.double().pow(2).sum()) for block in weight.detach().split(4096))
+            target = math.sqrt(squares / weight.numel())
             if tower_tokens is None:
                 gen = torch.Generator(device="cpu").manual_seed(GAMMA_PROBE_SEED)
                 tower_tokens = torch.randn(GAMMA_PROBE_SIZE, projector.linear_1.in_features, generator=gen)
@@ -241,25 +261,32 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
         states = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
         return states[:, 1:], out  # [B, N, D] tile tokens (CLS dropped)
 
-    def question_embedding(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                           labels: Tensor | None = None) -> Tensor:
-        """Mean LM input embedding of each prompt's question: real tokens after the slide placeholder that are not
-        trained answer tokens (labels == -100). ``[B, T]`` → ``[B, E]`` (used by ``topk_prompt``)."""
-        slide = input_ids == self.config.slide_token_id
-        after = slide.long().cumsum(dim=1) > 0
-        use = after & ~slide
-        if attention_mask is not None:
-            use &= attention_mask.bool()
-        if labels is not None:
-            use &= labels == -100
+    def question_embedding(self, input_ids: Tensor, question_mask: Tensor | None) -> Tensor:
+        """Mean LM input embedding of each prompt's question tokens, ``input_ids``/``question_mask [B, T]`` →
+        ``[B, E]`` (used by ``topk_prompt``). The mask comes from the processor (``InstructionCollator``,
+        ``build_generation_inputs``): the current user question only, the same tokens in training and at inference,
+        never later turns, earlier answers or template text."""
+        if question_mask is None:
+            raise ValueError("prompt-guided token selection needs question_mask [B, T] (the question's tokens): "
+                             "InstructionCollator and wsi_llava.build_generation_inputs return it; or pass "
+                             "question_embedding [B, E] yourself.")
+        if question_mask.shape != input_ids.shape:
+            raise ValueError(f"question_mask has shape {tuple(question_mask.shape)} but input_ids "
+                             f"{tuple(input_ids.shape)}; they must be aligned.")
+        use = question_mask.to(input_ids.device).bool() & (input_ids != self.config.slide_token_id)  # [B, T]
+        if not bool(use.any(dim=1).all()):
+            empty = (~use.any(dim=1)).nonzero().flatten().tolist()[:5]
+            raise ValueError(f"question_mask marks no question token in row(s) {empty}; prompt-guided selection "
+                             "needs the question text (rows built by WSIProcessor mark it).")
         embeds = self.get_input_embeddings()(input_ids).float()  # [B, T, E]
-        weights = use.float().unsqueeze(-1)
-        return (embeds * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        weights = use.float().unsqueeze(-1)  # [B, T, 1]
+        return (embeds * weights).sum(dim=1) / weights.sum(dim=1)  # [B, E]
 
-    def get_slide_features(self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None = None,
-                           token_selection: str | None = None, token_selection_kwargs: dict | None = None,
-                           question_embedding: Tensor | None = None) -> WSILlavaSlideFeatures:
-        """Tower → selection → projector for a batch of slides (see :class:`WSILlavaSlideFeatures`).
+    def select_slide_tokens(self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None = None,
+                            token_selection: str | None = None, token_selection_kwargs: dict | None = None,
+                            question_embedding: Tensor | None = None) -> tuple[TokenSelectionOutput, Tensor]:
+        """Tower → token selection, in tower space: ``(selection, tile_mask [B, N])``. The tokens the projector
+        sees (merged PruMerge tokens included), so gamma can be calibrated on exactly them.
 
         ``token_selection`` / ``token_selection_kwargs`` override the config for this call (the kwargs replace,
         not update, the config's when the selector is overridden).
@@ -271,8 +298,8 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
         entry = get_token_selector(name)
         need_attention = "cls_attention" in entry.requires or "keys" in entry.requires
         if "question_embedding" in entry.requires and question_embedding is None:
-            raise ValueError(f"token selector {name!r} needs the question: call the model with input_ids (or pass "
-                             "question_embedding=[B, E]).")
+            raise ValueError(f"token selector {name!r} needs the question: call the model with input_ids and "
+                             "question_mask (or pass question_embedding=[B, E]).")
         tokens, tower_out = self._tower_tokens(tile_features, tile_coords, tile_mask, need_attention)
         batch, num = tokens.shape[:2]
         mask = torch.ones(batch, num, dtype=torch.bool, device=tokens.device) if tile_mask is None \
@@ -289,7 +316,15 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
             tokens=tokens, token_mask=mask, grid=grid, cls_attention=tower_out.cls_attention,
             keys=tower_out.tile_keys, question_embedding=question_embedding, project=project_for_scoring),
             **token_selection_kwargs)
-        visual = projector(selection.tokens)  # [B, K, E]
+        return selection, mask
+
+    def get_slide_features(self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None = None,
+                           token_selection: str | None = None, token_selection_kwargs: dict | None = None,
+                           question_embedding: Tensor | None = None) -> WSILlavaSlideFeatures:
+        """Tower → selection → projector for a batch of slides (see :class:`WSILlavaSlideFeatures`)."""
+        selection, mask = self.select_slide_tokens(tile_features, tile_coords, tile_mask, token_selection,
+                                                   token_selection_kwargs, question_embedding)
+        visual = self.multi_modal_projector(selection.tokens)  # [B, K, E]
         return WSILlavaSlideFeatures(visual_embeds=visual, visual_mask=selection.token_mask,
                                      selection_indices=selection.indices,
                                      visual_token_counts=selection.token_mask.sum(dim=1), tile_counts=mask.sum(dim=1))
@@ -359,13 +394,14 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
                                   tile_mask: Tensor | None = None, attention_mask: Tensor | None = None,
                                   labels: Tensor | None = None, token_selection: str | None = None,
                                   token_selection_kwargs: dict | None = None, question_embedding: Tensor | None = None,
-                                  padding_side: str | None = None) -> tuple[dict[str, Tensor | None],
+                                  question_mask: Tensor | None = None, padding_side: str | None = None
+                                  ) -> tuple[dict[str, Tensor | None],
                                                                              WSILlavaSlideFeatures]:
         """Prompt ids + slides → the spliced LM inputs (``inputs_embeds``, ``attention_mask``, ``position_ids``,
         ``labels``) and the slide features / selection statistics."""
         name = token_selection or self.config.token_selection
         if question_embedding is None and "question_embedding" in get_token_selector(name).requires:
-            question_embedding = self.question_embedding(input_ids, attention_mask, labels)
+            question_embedding = self.question_embedding(input_ids, question_mask)
         slides = self.get_slide_features(tile_features, tile_coords, tile_mask, token_selection,
                                          token_selection_kwargs, question_embedding)
         text_embeds = self.get_input_embeddings()(input_ids)  # [B, T, E]
@@ -380,10 +416,11 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
                 tile_features: Tensor | None = None, tile_coords: Tensor | None = None,
                 tile_mask: Tensor | None = None, labels: Tensor | None = None, token_selection: str | None = None,
                 token_selection_kwargs: dict | None = None, question_embedding: Tensor | None = None,
-                **kwargs: Any) -> WSILlavaModelOutputWithPast:
+                question_mask: Tensor | None = None, **kwargs: Any) -> WSILlavaModelOutputWithPast:
         """With slides: ``input_ids [B, T]`` (one placeholder per row) + ``tile_features [B, N, D_in]``,
-        ``tile_coords [B, N, 2]``, ``tile_mask [B, N]`` → LM states of the spliced sequence. Without slides (decode
-        steps of ``generate``, text-only prompts): a plain LM pass."""
+        ``tile_coords [B, N, 2]``, ``tile_mask [B, N]`` → LM states of the spliced sequence (``question_mask [B, T]``:
+        the question's tokens, for prompt-guided selection). Without slides (decode steps of ``generate``, text-only
+        prompts): a plain LM pass."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds.")
         slides = None
@@ -396,7 +433,7 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
                                  "the slide encoder's positions need them (WSIProcessor returns both).")
             spliced, slides = self.prepare_multimodal_inputs(
                 input_ids, tile_features, tile_coords, tile_mask, attention_mask, labels, token_selection,
-                token_selection_kwargs, question_embedding)
+                token_selection_kwargs, question_embedding, question_mask)
             inputs_embeds, attention_mask = spliced["inputs_embeds"], spliced["attention_mask"]
             position_ids, labels = spliced["position_ids"], spliced["labels"]
             input_ids = None
@@ -520,7 +557,8 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
                 tile_features: Tensor | None = None, tile_coords: Tensor | None = None,
                 tile_mask: Tensor | None = None, labels: Tensor | None = None, token_selection: str | None = None,
                 token_selection_kwargs: dict | None = None, question_embedding: Tensor | None = None,
-                logits_to_keep: int | Tensor = 0, **kwargs: Any) -> WSILlavaCausalLMOutputWithPast:
+                question_mask: Tensor | None = None, logits_to_keep: int | Tensor = 0, **kwargs: Any
+                ) -> WSILlavaCausalLMOutputWithPast:
         """Training: ``input_ids``/``attention_mask``/``labels [B, T]`` (right padded, one slide placeholder per
         row, labels -100 outside answers) + ``tile_features [B, N, D_in]``, ``tile_coords [B, N, 2]``,
         ``tile_mask [B, N]`` → loss over answer tokens. ``token_selection(_kwargs)`` override the config per call.
@@ -529,7 +567,7 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
                              cache=cache, inputs_embeds=inputs_embeds, tile_features=tile_features,
                              tile_coords=tile_coords, tile_mask=tile_mask, labels=labels,
                              token_selection=token_selection, token_selection_kwargs=token_selection_kwargs,
-                             question_embedding=question_embedding, **kwargs)
+                             question_embedding=question_embedding, question_mask=question_mask, **kwargs)
         hidden = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, slice_indices, :])
@@ -550,7 +588,7 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
                  tile_features: Tensor | None = None, tile_coords: Tensor | None = None,
                  tile_mask: Tensor | None = None, token_selection: str | None = None,
                  token_selection_kwargs: dict | None = None, question_embedding: Tensor | None = None,
-                 **kwargs: Any) -> Any:
+                 question_mask: Tensor | None = None, **kwargs: Any) -> Any:
         """Batched generation over slides + **left-padded** prompts (``processor.tokenizer.padding_side = "left"``).
 
         The slides are encoded, selected, projected and spliced **once, before prefill**; ``GenerationMixin.generate``
@@ -559,7 +597,7 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
         ``processor.batch_decode(ids, skip_special_tokens=True)``). Without slides it is the LM's plain generate.
         ``self.last_selection_stats`` keeps the per-slide visual token / tile counts of the last call.
         """
-        if tile_features is None:
+        if tile_features is None:  # text only (e.g. the no-slide baseline)
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if input_ids is None:
             raise ValueError("generate() with slides needs input_ids holding the slide placeholder.")
@@ -568,7 +606,7 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
                              "processor.tokenizer.padding_side = 'left' or use wsi_llava.build_generation_inputs.")
         spliced, slides = self.model.prepare_multimodal_inputs(
             input_ids, tile_features, tile_coords, tile_mask, attention_mask, None, token_selection,
-            token_selection_kwargs, question_embedding, padding_side="left")
+            token_selection_kwargs, question_embedding, question_mask, padding_side="left")
         self.last_selection_stats = {"visual_token_counts": slides.visual_token_counts.tolist(),
                                      "tile_counts": slides.tile_counts.tolist()}
         return super().generate(inputs_embeds=spliced["inputs_embeds"], attention_mask=spliced["attention_mask"],
@@ -597,15 +635,28 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
 
         Args:
             vision_tower: a SlideEncoder or WSI-CLIP checkpoint (path or Hub id) or model instance.
-            language_model: any causal-LM checkpoint (``AutoModelForCausalLM``) or instance.
+            language_model: any causal-LM checkpoint (``AutoModelForCausalLM``: a folder or Hub id), a ``.gguf``
+                file (or ``gguf_file=`` in ``language_model_kwargs``, or ``"gguf:smollm2"``), dequantised once into a
+                cached safetensors folder (``wsi_llava.language_models.gguf_to_folder``), or a model instance.
             slide_token_id: the placeholder id (``processor.slide_token_id``; after ``ensure_slide_token`` also
                 call ``model.resize_token_embeddings(len(tokenizer))``).
             language_model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``dtype``,
-                ``attn_implementation``, ``gguf_file``, ...).
+                ``attn_implementation``, ...).
         """
         tower = load_slide_tower(vision_tower, **(vision_tower_kwargs or {}))
+        lm_kwargs = dict(language_model_kwargs or {})
+        if not isinstance(language_model, nn.Module):
+            gguf_file = lm_kwargs.pop("gguf_file", None)
+            if gguf_file is not None or str(language_model).lower().endswith(".gguf") or \
+                    str(language_model).startswith("gguf:"):
+                try:  # training-side helper of the package (not shipped with checkpoints)
+                    from wsi_llava.language_models import resolve_language_model
+                except ImportError as err:
+                    raise ImportError("building WSI-LLaVA on a GGUF language model needs the wsi-mm package "
+                                      "(wsi_llava.language_models converts it once to safetensors).") from err
+                language_model = resolve_language_model(language_model, gguf_file)
         lm = language_model if isinstance(language_model, nn.Module) else AutoModelForCausalLM.from_pretrained(
-            language_model, **(language_model_kwargs or {}))
+            language_model, **lm_kwargs)
         config = WSILlavaConfig(vision_config=tower.config, text_config=lm.config, slide_token_id=slide_token_id,
                                 token_selection=token_selection, token_selection_kwargs=token_selection_kwargs,
                                 projector_gamma_init=projector_gamma_init, vision_feature_layer=vision_feature_layer,
@@ -616,7 +667,8 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
         model.model.language_model = getattr(lm, lm.base_model_prefix)
         model.lm_head = lm.get_output_embeddings()
         lm_weight = model.lm_head.weight
-        projector = WSILlavaProjector(config).to(device=lm_weight.device, dtype=lm_weight.dtype)
+        # fp32 master weights whatever the LM dtype; splice casts the visual tokens to the LM embedding dtype
+        projector = WSILlavaProjector(config).to(device=lm_weight.device, dtype=torch.float32)
         for linear in (projector.linear_1, projector.linear_2):
             nn.init.xavier_uniform_(linear.weight)
             if linear.bias is not None:

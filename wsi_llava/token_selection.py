@@ -20,6 +20,7 @@ Every built-in is vectorised over tiles and slides (no Python loop over tokens) 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -212,6 +213,30 @@ def spatial_uniform_keep(grid: Tensor, mask: Tensor, scores: Tensor, budget: Ten
     return keep.view(batch, num)
 
 
+def check_max_tokens(selector: str, max_tokens: Any) -> int:
+    """``max_tokens`` as an int, or a clear ``ValueError`` unless it is a whole number ``>= 1``."""
+    whole = (isinstance(max_tokens, int) and not isinstance(max_tokens, bool)) or (
+        isinstance(max_tokens, float) and max_tokens.is_integer())
+    if not whole or max_tokens < 1:
+        raise ValueError(f"{selector}: max_tokens={max_tokens!r} must be a whole number >= 1 (the most visual tokens "
+                         "a slide may emit).")
+    return int(max_tokens)
+
+
+def trim_evenly(keep: Tensor, grid: Tensor | None, budget: Tensor) -> Tensor:
+    """At most ``budget_b`` of slide ``b``'s kept tokens, evenly spaced in row-major grid order ``(gy, gx)`` (tile
+    order without a grid); all of them where they fit. keep ``[B, N]``, grid ``[B, N, 2]``, budget ``[B]`` →
+    ``[B, N]``."""
+    fits = (budget > 0).unsqueeze(1)  # [B, 1] a budget of 0 keeps nothing
+    if grid is None:
+        return uniform_keep(keep, budget) & fits
+    g = grid.long()  # [B, N, 2]
+    order = torch.argsort(g[..., 0], dim=1, stable=True)  # [B, N] by gx, then (stable) by gy: row-major
+    order = order.gather(1, torch.argsort(g[..., 1].gather(1, order), dim=1, stable=True))  # [B, N]
+    picked = uniform_keep(keep.gather(1, order), budget)  # [B, N] in row-major order
+    return torch.zeros_like(keep).scatter(1, order, picked) & fits
+
+
 # ------------------------------------------------------------------------------------------------ built-ins
 @register_token_selector("none")
 def select_none(inputs: TokenSelectionInputs, **options: Any) -> TokenSelectionOutput:
@@ -221,15 +246,18 @@ def select_none(inputs: TokenSelectionInputs, **options: Any) -> TokenSelectionO
 
 @register_token_selector("uniform")
 def select_uniform(inputs: TokenSelectionInputs, max_tokens: int = 1024, **options: Any) -> TokenSelectionOutput:
-    """At most ``max_tokens`` tiles per slide, evenly spaced in tile order (row-major after reading)."""
-    budget = torch.full((inputs.tokens.shape[0],), int(max_tokens), device=inputs.tokens.device)
+    """At most ``max_tokens`` tiles per slide (a hard cap), evenly spaced in tile order (row-major after reading)."""
+    max_tokens = check_max_tokens("uniform", max_tokens)
+    budget = torch.full((inputs.tokens.shape[0],), max_tokens, device=inputs.tokens.device)
     return TokenSelectionOutput(*compact(uniform_keep(inputs.token_mask, budget), inputs.tokens))
 
 
 @register_token_selector("topk_prompt", requires=("question_embedding",))
 def select_topk_prompt(inputs: TokenSelectionInputs, max_tokens: int = 256, **options: Any) -> TokenSelectionOutput:
     """The ``max_tokens`` tiles whose projected token is most cosine-similar to the question embedding (LM input
-    space), in original tile order. Without a projector, similarity is taken in tower space."""
+    space), in original tile order (a hard cap: fewer only on slides with fewer tiles). Without a projector,
+    similarity is taken in tower space."""
+    max_tokens = check_max_tokens("topk_prompt", max_tokens)
     tokens, mask = inputs.tokens, inputs.token_mask
     query = inputs.question_embedding  # [B, E]
     space = inputs.project(tokens) if inputs.project is not None else tokens  # [B, N, E]
@@ -237,26 +265,44 @@ def select_topk_prompt(inputs: TokenSelectionInputs, max_tokens: int = 256, **op
         raise ValueError(f"topk_prompt: question embedding has dimension {query.shape[-1]} but visual tokens have "
                          f"{space.shape[-1]}; pass a question embedding in the LM's input space.")
     scores = F.cosine_similarity(space.float(), query.float().unsqueeze(1), dim=-1)  # [B, N]
-    keep = mask & (rank_descending(scores, mask) < int(max_tokens))
+    keep = mask & (rank_descending(scores, mask) < max_tokens)
     return TokenSelectionOutput(*compact(keep, tokens))
 
 
 def _prumerge(inputs: TokenSelectionInputs, *, add_back: float, whisker: float, merge_neighbors: int,
-              merge: str, summary_token: bool, min_tokens: int, max_tokens: int | None) -> TokenSelectionOutput:
-    """Shared body of PruMerge / PruMerge+ (see :func:`select_prumerge`)."""
+              merge: str, summary_token: bool, min_tokens: int, max_tokens: int | None,
+              name: str = "prumerge") -> TokenSelectionOutput:
+    """Shared body of PruMerge / PruMerge+ (see :func:`select_prumerge`, :func:`select_prumerge_plus`)."""
     if merge not in ("average", "upstream"):
-        raise ValueError(f"prumerge: merge={merge!r} must be 'average' (paper) or 'upstream' (released code).")
+        raise ValueError(f"{name}: merge={merge!r} must be 'average' (paper) or 'upstream' (released code).")
+    if add_back < 0:
+        raise ValueError(f"{name}: add_back={add_back!r} must be >= 0.")
     tokens, mask = inputs.tokens, inputs.token_mask
     attn = inputs.cls_attention.float().mean(dim=1).masked_fill(~mask, 0.0)  # [B, N] mean over heads
-    rank = rank_descending(attn, mask)
+    rank = rank_descending(attn, mask)  # [B, N]
     keep = iqr_outliers(attn, mask, whisker) | (mask & (rank < int(min_tokens)))  # [B, N]
-    if max_tokens is not None:
-        keep &= rank < int(max_tokens)
-    if add_back > 0:  # PruMerge+: spatially uniform samples, about add_back × |outliers| more
-        budget = (keep.sum(dim=1).float() * add_back).round().long().clamp_min(1)
-        extra = spatial_uniform_keep(inputs.grid, mask, attn, budget) if inputs.grid is not None \
+
+    def spatial(budget: Tensor) -> Tensor:  # [B] → [B, N] about budget_b spatially uniform tiles
+        return spatial_uniform_keep(inputs.grid, mask, attn, budget) if inputs.grid is not None \
             else uniform_keep(mask, budget)
-        keep |= extra
+
+    if max_tokens is None:
+        if add_back > 0:  # PruMerge+: spatially uniform samples, about add_back × |outliers| more
+            keep |= spatial((keep.sum(dim=1).float() * add_back).round().long().clamp_min(1))
+    else:  # hard cap: at most max_tokens tokens per slide, the summary token included
+        max_tokens = check_max_tokens(name, max_tokens)
+        if summary_token and max_tokens == 1:  # no room beside a real token: no summary token, and the most
+            summary_token = False  # attended tile is kept even with min_tokens=0 (a slide needs one token)
+            keep |= mask & (rank < 1)
+        real = max_tokens - int(summary_token)  # tile tokens allowed per slide, >= 1
+        found = keep.sum(dim=1)  # [B] outliers (and min_tokens) before the cap
+        cap = max(math.floor(real / (1.0 + add_back)), min(int(min_tokens), real), 1)  # <= real
+        keep &= rank < cap  # the cap most attended outliers
+        if add_back > 0:  # fill up to the room left, never more
+            room = real - keep.sum(dim=1)  # [B] >= 0
+            want = torch.minimum((found.float() * add_back).round().long().clamp_min(1), room)  # [B]
+            extra = spatial(want.clamp_min(1)) & ~keep  # [B, N] about want_b new tiles
+            keep |= trim_evenly(extra, inputs.grid, room)  # surplus dropped evenly over the grid
 
     kept, kept_mask, indices = compact(keep, tokens, extra_len=int(summary_token))  # [B, K(+1), D]
     k = kept.shape[1] - int(summary_token)
@@ -303,16 +349,23 @@ def select_prumerge(inputs: TokenSelectionInputs, whisker: float = 1.5, merge_ne
     """LLaVA-PruMerge (adaptive K per slide).
 
     1. ``a`` = last layer's CLS→tile attention, mean over heads (computed in O(N), never the full matrix).
-    2. Keep the IQR outliers ``a > Q3 + whisker·IQR`` with quartiles **per slide** (at least ``min_tokens``, at
-       most ``max_tokens`` by attention).
+    2. Keep the IQR outliers ``a > Q3 + whisker·IQR`` with quartiles **per slide** (at least ``min_tokens``, the
+       most attended first).
     3. Merge each kept token with its ``merge_neighbors`` most key-similar other tiles (kept or not, like the
        released code), weighted by attention: ``merge="average"`` is the paper's weighted average
        ``(a_i F_i + Σ a_j F_j) / (a_i + Σ a_j)``; ``merge="upstream"`` the released code's ``F_i + Σ a_j F_j``
        (unnormalised: with 10⁴ tiles the ``a_j`` are ~10⁻⁴ and the merge all but vanishes).
-    4. ``summary_token``: one extra token, the attention-weighted mean (``upstream``: sum) of the pruned tiles.
+    4. ``summary_token``: one extra token, the attention-weighted mean (``upstream``: sum) of the pruned tiles
+       (only on slides where something was pruned).
+
+    ``max_tokens`` (default ``None``: no cap) is a **hard** cap on the tokens each slide emits, **the summary token
+    included**: at most ``max_tokens − 1`` outliers (the most attended; ``min_tokens`` is lowered to fit) plus the
+    summary token. ``max_tokens=1`` leaves no room for a summary beside a real token, so it is dropped and the
+    slide emits its single most attended tile (even with ``min_tokens=0``). ``max_tokens < 1`` raises
+    ``ValueError``.
     """
     return _prumerge(inputs, add_back=0.0, whisker=whisker, merge_neighbors=merge_neighbors, merge=merge,
-                     summary_token=summary_token, min_tokens=min_tokens, max_tokens=max_tokens)
+                     summary_token=summary_token, min_tokens=min_tokens, max_tokens=max_tokens, name="prumerge")
 
 
 @register_token_selector("prumerge_plus", requires=("cls_attention", "keys"))
@@ -321,11 +374,28 @@ def select_prumerge_plus(inputs: TokenSelectionInputs, add_back: float = 3.0, wh
                          min_tokens: int = 1, max_tokens: int | None = None, **options: Any) -> TokenSelectionOutput:
     """PruMerge+: PruMerge's outliers plus about ``add_back`` × as many spatially uniform tiles (one per cell of a
     square grid over the tissue, the most attended tile of each cell; upstream adds every ``N/(3K)``-th patch, i.e.
-    ~3× the outliers), then the same merge and summary token."""
+    ~3× the outliers), then the same merge and summary token.
+
+    ``max_tokens`` (default ``None``: no cap) is a **hard** cap on the tokens each slide emits, **the summary token
+    included**, whatever the tile count, attention, grid or ``add_back``. With ``S = 1`` if ``summary_token`` (and
+    ``max_tokens > 1``; ``max_tokens=1`` drops it and keeps at least the most attended tile) else ``0``, and
+    ``R = max_tokens − S`` tile slots:
+
+    1. keep the most attended outliers, at most ``max(floor(R / (1 + add_back)), min(min_tokens, R), 1)``;
+    2. add back ``min(round(add_back × |outliers found before step 1|), R − |kept outliers|)`` spatially uniform
+       tiles — a slide whose outliers were capped asks for all its free slots; one that fits (outliers within
+       the cap, add-back within the room) keeps exactly what it keeps without ``max_tokens``.
+       :func:`spatial_uniform_keep` gives *about* the requested number (a cell whose best tile is an outlier adds
+       none, so a slide may end under the cap); the surplus is dropped evenly in row-major grid order
+       (:func:`trim_evenly`);
+    3. the summary token, if anything was pruned: ``≤ R + S = max_tokens`` tokens in all.
+
+    ``max_tokens < 1`` or ``add_back < 0`` raise ``ValueError``."""
     return _prumerge(inputs, add_back=add_back, whisker=whisker, merge_neighbors=merge_neighbors, merge=merge,
-                     summary_token=summary_token, min_tokens=min_tokens, max_tokens=max_tokens)
+                     summary_token=summary_token, min_tokens=min_tokens, max_tokens=max_tokens, name="prumerge_plus")
 
 
 __all__ = ["TokenSelectionInputs", "TokenSelectionOutput", "TokenSelector", "register_token_selector",
            "available_token_selectors", "get_token_selector", "run_token_selector", "compact", "iqr_outliers",
-           "uniform_keep", "spatial_uniform_keep", "rank_descending", "KNOWN_REQUIREMENTS"]
+           "uniform_keep", "spatial_uniform_keep", "rank_descending", "trim_evenly", "check_max_tokens",
+           "KNOWN_REQUIREMENTS"]

@@ -28,6 +28,7 @@ from wsi_clip.checkpointing import ResumableTrainerMixin
 from .configuration_wsillava import WSILlavaConfig
 from .language_models import resolve_language_model
 from .modeling_wsillava import WSILlavaForConditionalGeneration
+from .token_selection import get_token_selector
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,9 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
     added = processor.ensure_slide_token()
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) != vocab and (added or len(tokenizer) > vocab or fresh):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        # new rows (the slide token) from the distribution of the existing ones: with tied weights, a row off that
+        # scale would shift every next-token distribution of a pretrained LM
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.config.slide_token_id = processor.slide_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
@@ -364,13 +367,16 @@ class WSILlavaTrainer(ResumableTrainerMixin, Trainer):
 
 @torch.no_grad()
 def calibrate_gamma(model: WSILlavaForConditionalGeneration, batch: dict[str, torch.Tensor]) -> float:
-    """Re-apply the gamma RMS rule on the tower outputs (after selection) of one real batch."""
+    """Re-apply the gamma RMS rule on real tokens of one batch **after token selection** — the tokens the projector
+    really sees (PruMerge's merged tokens are attention-weighted averages, ~30 % smaller than raw tower tokens)."""
     inner = model.model
     device = next(model.parameters()).device
-    mask = batch["tile_mask"].to(device)
-    tokens, _ = inner._tower_tokens(batch["tile_features"].to(device), batch["tile_coords"].to(device), mask,
-                                    need_attention=False)
-    return inner.reset_projector_gamma(tokens[mask])
+    question = None
+    if "question_embedding" in get_token_selector(inner.config.token_selection).requires:
+        question = inner.question_embedding(batch["input_ids"].to(device), batch["question_mask"].to(device))
+    selection, _ = inner.select_slide_tokens(batch["tile_features"].to(device), batch["tile_coords"].to(device),
+                                             batch["tile_mask"].to(device), question_embedding=question)
+    return inner.reset_projector_gamma(selection.tokens[selection.token_mask])  # [M, D] real selected tokens
 
 
 def merge_adapter(base: str | WSILlavaForConditionalGeneration, adapter: str, output_dir: str,
