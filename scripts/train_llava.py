@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("[train_llava] text only: prompts without the slide placeholder, no slide tokens (baseline run)")
     elif fresh and model_args.calibrate_gamma:
         gamma = calibrate_gamma(model, collator([train[i] for i in range(min(len(train), 4))]))
-        print(f"[train_llava] gamma calibrated on real tower outputs: {gamma:.4g}")
+        print(f"[train_llava] gamma calibrated on the selected tokens of a real batch: {gamma:.4g}")
     if args.activation_checkpointing or args.gradient_checkpointing:
         args.gradient_checkpointing_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
     trainable_model = prepare_stage(model, args)

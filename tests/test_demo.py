@@ -25,7 +25,7 @@ def demo_run(tmp_path_factory):
 def test_quick_demo_beats_its_baselines_and_writes_everything(demo_run):
     out, proc = demo_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "## Demo results (held-out test split)" in proc.stdout and "[demo 9/9" in proc.stdout
+    assert "## Demo results (held-out test split)" in proc.stdout and "[demo 10/10" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(metrics["verdicts"].values()), metrics["verdicts"]
     assert metrics["clip"]["zero_shot_balanced_accuracy"] > metrics["clip"]["chance_accuracy"]

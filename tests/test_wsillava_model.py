@@ -251,3 +251,34 @@ def test_from_parts_with_slide_encoder_and_wsiclip_style_checkpoints(processor, 
         torch.testing.assert_close(built2.vision_tower.state_dict()[key], value)
     batch = build_generation_inputs(processor, random_slides([7]), ["grade ?"])
     assert torch.isfinite(built2(**batch).logits).all()
+
+
+@torch.no_grad()
+def test_prepended_slide_embedding_is_the_first_visual_token(processor):
+    model = tiny_model(processor, prepend_slide_embedding=True)
+    convs = [[{"role": "user", "content": "what is the diagnosis ?"}, {"role": "assistant", "content": "B"}],
+             [{"role": "user", "content": "grade ?"}, {"role": "assistant", "content": "high grade"}]]
+    batch = _training_batch(processor, [12, 30], convs)
+    plain = tiny_model(processor)
+    for selection, kwargs in (("none", None), ("prumerge_plus", {"max_tokens": 4})):
+        feats = model.get_slide_features(batch["tile_features"], batch["tile_coords"], batch["tile_mask"],
+                                         token_selection=selection, token_selection_kwargs=kwargs)
+        without = plain.get_slide_features(batch["tile_features"], batch["tile_coords"], batch["tile_mask"],
+                                           token_selection=selection, token_selection_kwargs=kwargs)
+        assert feats.visual_token_counts.tolist() == [c + 1 for c in without.visual_token_counts.tolist()]
+        assert feats.selection_indices[:, 0].tolist() == [-1, -1]
+        assert feats.selection_indices[:, 1:].tolist() == without.selection_indices.tolist()
+        tower = model.model.vision_tower(batch["tile_features"], batch["tile_coords"], batch["tile_mask"])
+        torch.testing.assert_close(feats.visual_embeds[:, 0], model.multi_modal_projector(tower.pooler_output))
+    # a ragged batch still gives every slide what it gets alone
+    out = model(**batch, token_selection="prumerge_plus", token_selection_kwargs={"max_tokens": 4})
+    for b in range(2):
+        n, t = int(batch["tile_mask"][b].sum()), int(batch["attention_mask"][b].sum())
+        single = {k: v[b:b + 1] for k, v in batch.items()}
+        single.update(tile_features=single["tile_features"][:, :n], tile_coords=single["tile_coords"][:, :n],
+                      tile_mask=single["tile_mask"][:, :n], input_ids=single["input_ids"][:, :t],
+                      attention_mask=single["attention_mask"][:, :t], labels=single["labels"][:, :t],
+                      question_mask=single["question_mask"][:, :t])
+        alone = model(**single, token_selection="prumerge_plus", token_selection_kwargs={"max_tokens": 4})
+        length = alone.logits.shape[1]
+        torch.testing.assert_close(out.logits[b, :length], alone.logits[0], atol=1e-4, rtol=1e-4)

@@ -160,3 +160,21 @@ def test_closed_and_open_metrics(data):
     turns = sum(1 for row in dataset for t in row["conversations"] if t["role"] == "assistant")
     assert len(evaluated) == turns and all(i["kind"] == "choice" for i in evaluated)
     assert all(i["history"][-1]["role"] == "user" for i in evaluated)
+
+
+def test_per_sample_loss_weighs_every_example_once():
+    from wsi_llava.training import per_sample_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, -100, 3, -100],   # a one-token closed answer
+                           [-100, 1, 2, 4, 6]])           # a four-token answer
+    ce = torch.nn.functional.cross_entropy
+    short = ce(logits[0, 2:3], labels[0, 3:4])
+    long = ce(logits[1, 0:4], labels[1, 1:5])
+    torch.testing.assert_close(per_sample_loss(logits, labels), (short + long) / 2)
+    token_mean = ce(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert not torch.isclose(token_mean, (short + long) / 2)  # the token mean gives the short answer 1/5 weight
+    empty = torch.full((1, 5), -100)
+    with_empty = per_sample_loss(torch.cat([logits, torch.randn(1, 5, 7)]), torch.cat([labels, empty]))
+    torch.testing.assert_close(with_empty, (short + long) / 2)  # an example without answer tokens is left out

@@ -97,6 +97,23 @@ def embed_texts(model: torch.nn.Module, processing_class: Any, texts: Sequence[s
 
 
 @torch.no_grad()
+def nearest_texts(model: torch.nn.Module, processor: Any, slides: Sequence[Any], texts: Sequence[str],
+                  batch_size: int = 8, max_tiles: int | None = None) -> list[int]:
+    """Index into ``texts`` of the text nearest (cosine, joint space) to each slide: slide→text retrieval as a
+    baseline for report generation (the best-matching training report of each test slide)."""
+    device = next(model.parameters()).device
+    text_embeds = embed_texts(model, processor, texts)  # [T, E] normalised
+    best: list[int] = []
+    for start in range(0, len(slides), batch_size):
+        batch = processor(slides=list(slides[start:start + batch_size]), max_tiles=max_tiles)
+        out = model.get_slide_features(batch["tile_features"].to(device), batch["tile_coords"].to(device),
+                                       batch["tile_mask"].to(device))
+        slide_embeds = torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)  # [B, E]
+        best += (slide_embeds @ text_embeds.T).argmax(dim=1).tolist()
+    return best
+
+
+@torch.no_grad()
 def build_zero_shot_classifier(model: torch.nn.Module, processing_class: Any, class_prompts: ClassPrompts,
                                batch_size: int = 64, max_length: int | None = None) -> torch.Tensor:
     """``[C, E]`` normalised class embeddings: per class, the renormalised mean of its normalised prompt embeddings."""
@@ -304,6 +321,7 @@ def format_table(metrics: Mapping[str, float], title: str = "WSI-CLIP evaluation
     return "\n".join(lines)
 
 
-__all__ = ["ClassPrompts", "load_class_prompts", "embed_texts", "build_zero_shot_classifier", "encode_dataset",
-           "retrieval_metrics", "contrastive_loss_full", "classification_metrics", "balanced_accuracy",
-           "weighted_f1", "binary_auroc", "macro_auroc", "zero_shot_scores", "format_table", "DEFAULT_RECALL_KS"]
+__all__ = ["ClassPrompts", "load_class_prompts", "embed_texts", "nearest_texts", "build_zero_shot_classifier",
+           "encode_dataset", "retrieval_metrics", "contrastive_loss_full", "classification_metrics",
+           "balanced_accuracy", "weighted_f1", "binary_auroc", "macro_auroc", "zero_shot_scores", "format_table",
+           "DEFAULT_RECALL_KS"]

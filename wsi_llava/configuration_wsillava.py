@@ -35,6 +35,12 @@ class WSILlavaConfig(PretrainedConfig):
         token_selection: name of a registered token selector (``none``, ``uniform``, ``prumerge``,
             ``prumerge_plus``, ``topk_prompt`` or one registered with ``wsi_llava.register_token_selector``).
         token_selection_kwargs: options passed to the selector (e.g. ``{"max_tokens": 256}``).
+        prepend_slide_embedding: put the slide tower's pooled slide embedding (its ``pooler_output``: CLS or mean
+            pooling, as the tower is configured) through the projector as the first visual token, before the selected
+            tiles. Tile tokens alone carry the slide-level diagnosis weakly (demo: a linear probe on the mean of the
+            PruMerge+ tokens reaches 0.70 test accuracy, on the tower's slide embedding 1.00); the slide embedding is
+            what WSI-CLIP trained. Default False here, so checkpoints saved before the option behave as trained;
+            ``from_parts`` and ``train_llava.py`` turn it on for new models.
     """
 
     model_type = "wsi_llava"
@@ -54,6 +60,7 @@ class WSILlavaConfig(PretrainedConfig):
     projector_gamma_init: float | None = None
     token_selection: str = "none"
     token_selection_kwargs: dict[str, Any] | None = None
+    prepend_slide_embedding: bool = False
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

@@ -286,7 +286,8 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
                             token_selection: str | None = None, token_selection_kwargs: dict | None = None,
                             question_embedding: Tensor | None = None) -> tuple[TokenSelectionOutput, Tensor]:
         """Tower → token selection, in tower space: ``(selection, tile_mask [B, N])``. The tokens the projector
-        sees (merged PruMerge tokens included), so gamma can be calibrated on exactly them.
+        sees (merged PruMerge tokens included; with ``config.prepend_slide_embedding`` the tower's pooled slide
+        embedding first, index -1), so gamma can be calibrated on exactly them.
 
         ``token_selection`` / ``token_selection_kwargs`` override the config for this call (the kwargs replace,
         not update, the config's when the selector is overridden).
@@ -316,6 +317,12 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
             tokens=tokens, token_mask=mask, grid=grid, cls_attention=tower_out.cls_attention,
             keys=tower_out.tile_keys, question_embedding=question_embedding, project=project_for_scoring),
             **token_selection_kwargs)
+        if self.config.prepend_slide_embedding:  # the tower's slide embedding first, then the selected tiles
+            slide = tower_out.pooler_output.to(selection.tokens.dtype).unsqueeze(1)  # [B, 1, D]
+            selection = TokenSelectionOutput(
+                tokens=torch.cat([slide, selection.tokens], dim=1),  # [B, 1 + K, D]
+                token_mask=torch.cat([selection.token_mask.new_ones(batch, 1), selection.token_mask], dim=1),
+                indices=torch.cat([selection.indices.new_full((batch, 1), -1), selection.indices], dim=1))
         return selection, mask
 
     def get_slide_features(self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None = None,
@@ -629,7 +636,8 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
     def from_parts(cls, vision_tower: str | os.PathLike | nn.Module, language_model: str | os.PathLike | nn.Module,
                    *, slide_token_id: int | None = None, token_selection: str = "none",
                    token_selection_kwargs: dict | None = None, projector_gamma_init: float | None = None,
-                   vision_feature_layer: int = -1, language_model_kwargs: dict | None = None,
+                   vision_feature_layer: int = -1, prepend_slide_embedding: bool = True,
+                   language_model_kwargs: dict | None = None,
                    vision_tower_kwargs: dict | None = None, **config_kwargs: Any) -> "WSILlavaForConditionalGeneration":
         """Assemble WSI-LLaVA from a slide tower and a causal LM, with a fresh projector (gamma by the RMS rule).
 
@@ -640,6 +648,8 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
                 cached safetensors folder (``wsi_llava.language_models.gguf_to_folder``), or a model instance.
             slide_token_id: the placeholder id (``processor.slide_token_id``; after ``ensure_slide_token`` also
                 call ``model.resize_token_embeddings(len(tokenizer))``).
+            prepend_slide_embedding: put the tower's pooled slide embedding (``pooler_output``) before the selected
+                tile tokens (see :class:`WSILlavaConfig`); on by default for new models.
             language_model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``dtype``,
                 ``attn_implementation``, ...).
         """
@@ -660,7 +670,7 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
         config = WSILlavaConfig(vision_config=tower.config, text_config=lm.config, slide_token_id=slide_token_id,
                                 token_selection=token_selection, token_selection_kwargs=token_selection_kwargs,
                                 projector_gamma_init=projector_gamma_init, vision_feature_layer=vision_feature_layer,
-                                **config_kwargs)
+                                prepend_slide_embedding=prepend_slide_embedding, **config_kwargs)
         with torch.device("meta"):  # no throw-away random init of a large LM
             model = cls(config)
         model.model.vision_tower = tower

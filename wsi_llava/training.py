@@ -69,6 +69,9 @@ class ModelArguments:
         "help": "Token selector name (none, uniform, prumerge, prumerge_plus, topk_prompt, or registered)."})
     token_selection_kwargs: str | None = field(default=None, metadata={
         "help": "JSON (or YAML mapping) of selector options, e.g. {\"max_tokens\": 256}."})
+    prepend_slide_embedding: bool = field(default=True, metadata={
+        "help": "New models: the slide tower's pooled slide embedding as the first visual token, before the selected "
+                "tiles (it carries the slide-level diagnosis; tile tokens alone carry it weakly)."})
     dtype: str | None = field(default=None, metadata={"help": "LM dtype: float32, bfloat16, float16 or auto."})
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, flash_attention_2, eager, ..."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code for the LM / tower."})
@@ -112,6 +115,10 @@ class LlavaTrainingArguments(TrainingArguments):
         "help": "Full-match regex of LoRA target module names; must stay under model.language_model."})
     merge: bool = field(default=False, metadata={
         "help": "Stage 3: also export the LoRA-merged full model to <output_dir>/merged."})
+    loss_average: str = field(default="token", metadata={
+        "help": "token: mean over every answer token of the batch (HF default); sample: mean over examples of each "
+                "example's mean token loss, so a one-letter closed answer weighs as much as a 130-token report in a "
+                "mixed batch (with token averaging it gets ~1/130 of the gradient)."})
     remove_unused_columns: bool = field(default=False, metadata={
         "help": "Keep False: the collator needs h5_path / conversations."})
 
@@ -206,7 +213,8 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
             lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **lm_config))
         model = WSILlavaForConditionalGeneration.from_parts(
             tower, lm, token_selection=model_args.token_selection or "none", token_selection_kwargs=selection,
-            projector_gamma_init=model_args.projector_gamma_init, language_model_kwargs=lm_kwargs)
+            projector_gamma_init=model_args.projector_gamma_init, language_model_kwargs=lm_kwargs,
+            prepend_slide_embedding=model_args.prepend_slide_embedding)
         tokenizer_source = model_args.tokenizer or (lm if isinstance(lm, str) else None)
         fresh = True
     if model_args.token_selection:
@@ -289,6 +297,8 @@ def check_lora_targets(model: nn.Module, pattern: str) -> list[str]:
 
 def prepare_stage(model: WSILlavaForConditionalGeneration, args: LlavaTrainingArguments) -> nn.Module:
     """Freeze / wrap the model for ``args.stage``: 2 → projector only; 3 → LoRA on the LM + projector copy."""
+    if args.loss_average not in ("token", "sample"):
+        raise ValueError(f"--loss_average {args.loss_average!r}: use token or sample.")
     model.requires_grad_(False)
     if args.stage == 2:
         model.multi_modal_projector.requires_grad_(True)
@@ -350,6 +360,11 @@ class WSILlavaTrainer(ResumableTrainerMixin, Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if getattr(self.args, "loss_average", "token") == "sample" and model.training:
+            loss = per_sample_loss(outputs.logits, outputs.labels)
+            # the Trainer does not rescale a loss computed with num_items_in_batch: average the micro-batches here
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                loss = loss / self.current_gradient_accumulation_steps
         counts = getattr(outputs, "visual_token_counts", None)
         if counts is not None:
             self._visual_tokens.append(float(counts.float().mean()))
@@ -363,6 +378,21 @@ class WSILlavaTrainer(ResumableTrainerMixin, Trainer):
             logs["visual_tokens_per_slide"] = round(sum(self._visual_tokens) / len(self._visual_tokens), 2)
             self._visual_tokens.clear()
         super().log(logs, start_time)
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over examples of each example's mean next-token loss on its answer tokens (labels != -100).
+
+    logits ``[B, L, V]``, labels ``[B, L]`` (the spliced ones the model returns) → scalar. Examples without answer
+    tokens (all cut by truncation) are left out."""
+    shift_logits = logits[:, :-1].float()  # [B, L-1, V]
+    shift_labels = labels[:, 1:].to(logits.device)  # [B, L-1]
+    token_loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                                   shift_labels.reshape(-1), ignore_index=-100, reduction="none")
+    token_loss = token_loss.view_as(shift_labels)  # [B, L-1]
+    counts = (shift_labels != -100).sum(dim=1)  # [B]
+    per_example = token_loss.sum(dim=1) / counts.clamp_min(1)  # [B]
+    return per_example[counts > 0].mean()
 
 
 @torch.no_grad()
@@ -399,6 +429,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 __all__ = ["ModelArguments", "DataArguments", "LlavaTrainingArguments", "WSILlavaTrainer",
-           "build_model_and_processor", "prepare_stage", "check_lora_targets", "LoraTargetError", "projector_gamma",
-           "calibrate_gamma", "merge_adapter", "load_projector", "build_word_tokenizer", "parse_mapping",
-           "count_parameters", "DEFAULT_LORA_TARGETS"]
+           "build_model_and_processor", "prepare_stage", "per_sample_loss", "check_lora_targets", "LoraTargetError",
+           "projector_gamma", "calibrate_gamma", "merge_adapter", "load_projector", "build_word_tokenizer",
+           "parse_mapping", "count_parameters", "DEFAULT_LORA_TARGETS"]
