@@ -140,8 +140,9 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
-def draw_curves(out: Path, runs: list[Path]) -> list[Path]:
-    """Training-loss (and eval) curves of each run from its ``trainer_state.json`` / ``log_history.json``."""
+def draw_curves(out: Path, runs: list[Path], report_loss: dict[str, float] | None = None) -> list[Path]:
+    """Training-loss (and eval) curves of each run from its ``trainer_state.json`` / ``log_history.json``; the stage-2
+    panel also shows the held-out report loss of the LM alone and after stage 2 (``report_loss``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,8 +170,15 @@ def draw_curves(out: Path, runs: list[Path]) -> list[Path]:
             twin.plot(*zip(*evals), "o-", color="tab:green", label="val zero-shot bal. acc.")
             twin.set_ylim(0, 1)
             twin.legend(loc="upper right", fontsize=7)
+        if name == "llava_stage2" and report_loss:
+            for key, label, style in (("text_only", "held-out: the LM alone, no slide", "--"),
+                                      ("stage2", "held-out: after stage 2, with the slide", ":")):
+                if report_loss.get(key) is not None:
+                    ax.axhline(report_loss[key], color="black", linestyle=style, linewidth=1,
+                               label=f"{label} ({report_loss[key]:.3f})")
         ax.set_title({"clip": "WSI-CLIP", "llava_stage2": "WSI-LLaVA stage 2 (projector)",
-                      "llava_stage3": "WSI-LLaVA stage 3 (LoRA)"}.get(name, name), fontsize=9)
+                      "llava_stage3": "WSI-LLaVA stage 3 (LoRA; length-grouped batches:\nreports ≈ 2–3, closed "
+                                      "questions < 1)"}.get(name, name), fontsize=9)
         ax.set_xlabel("step")
         ax.legend(loc="lower left", fontsize=7)
     fig.tight_layout()

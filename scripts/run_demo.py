@@ -53,10 +53,11 @@ class Plan:
     max_new_tokens: int
     real_lm: bool
     stage3_vqa_items: int  # real SlideBench / WSI-Bench questions mixed into stage 3 (0: all)
+    stage3_diagnosis_repeats: int  # passes over the slide-grounded diagnosis question in stage 3
 
     @classmethod
     def for_args(cls, args: DemoArguments) -> "Plan":
-        plan = cls(60, 3, 2, 10, 4, 24, False, 0) if args.quick else cls(100, 5, 1, 1, 30, 64, True, 64)
+        plan = cls(60, 3, 2, 10, 4, 24, False, 0, 1) if args.quick else cls(100, 5, 1, 1, 30, 64, True, 32, 3)
         if args.num_cases:
             plan.num_cases = args.num_cases
         return plan
@@ -110,12 +111,13 @@ def build_demo_tokenizer(data_dir: Path, output: Path) -> None:
     tokenizer.save_pretrained(output)
 
 
-def concat_json(parts: list[tuple[Path, int]], output: Path) -> Path:
-    """Concatenate LLaVA JSON files, ``(path, limit)``: at most ``limit`` records of each (0: all), in file order."""
+def concat_json(parts: list[tuple[Path, int, int]], output: Path) -> Path:
+    """Concatenate LLaVA JSON files, ``(path, limit, repeats)``: the first ``limit`` records of each (0: all),
+    ``repeats`` times, in file order (the trainer shuffles)."""
     records = []
-    for path, limit in parts:
+    for path, limit, repeats in parts:
         rows = json.loads(path.read_text())
-        records += rows[:limit] if limit else rows
+        records += (rows[:limit] if limit else rows) * repeats
     output.write_text(json.dumps(records))
     return output
 
@@ -203,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     step("WSI-LLaVA stage 3: LoRA on the LM + projector, on reports and closed questions; and the same recipe "
          "without the slide (text-only baseline)")
     stage3, text_only = out / "llava_stage3", out / "llava_text_only"
-    parts = [(data / "llava_caption_train.json", 0), (data / "llava_diagnosis_train.json", 0),
-             (data / "llava_instruct_train.json", plan.stage3_vqa_items)]
+    parts = [(data / "llava_caption_train.json", 0, 1),
+             (data / "llava_diagnosis_train.json", 0, plan.stage3_diagnosis_repeats),
+             (data / "llava_instruct_train.json", plan.stage3_vqa_items, 1)]
     if not plan.real_lm:  # the tiny LM cannot write reports: its stage 3 trains the closed questions only
         parts = parts[1:]
     train3 = concat_json(parts, data / "llava_stage3_train.json")
@@ -237,10 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     step("heatmaps and training curves")
     from demo_report import collect_metrics, draw_curves, draw_heatmaps, example_reports, judge, results_table
 
-    figures = draw_heatmaps(out, clip, stage3 / "merged", data) + draw_curves(out, [clip, stage2, stage3])
+    metrics = collect_metrics(clip_eval, evals, losses)
+    figures = draw_heatmaps(out, clip, stage3 / "merged", data) + draw_curves(out, [clip, stage2, stage3],
+                                                                              metrics.get("report_loss"))
 
     step("results")
-    metrics = collect_metrics(clip_eval, evals, losses)
     metrics["language_model"] = "SmolLM2-135M-Instruct" if plan.real_lm else "tiny demo Llama (--quick)"
     verdicts = judge(metrics, reports_judged=plan.real_lm)
     metrics["verdicts"] = verdicts

@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train = preflight_dataset(train, source=data_args.train_file, **checks)
     if evaluation is not None:
         evaluation = preflight_dataset(evaluation, source=data_args.eval_file, **checks)
+    if args.train_sampling_strategy in ("group_by_length", "batch_rebalance") and \
+            args.length_column_name not in train.column_names:
+        # batches of similar length: a batch holding one long report costs as much as eight reports (padding)
+        train = train.add_column(args.length_column_name, [sum(len(t["content"]) for t in row["conversations"])
+                                                           for row in train])
     if data_args.text_only:
         print("[train_llava] text only: prompts without the slide placeholder, no slide tokens (baseline run)")
     elif fresh and model_args.calibrate_gamma:

@@ -74,8 +74,9 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("prepend", [False, True])
 @pytest.mark.parametrize("name", bench_llava.ALL_STRATEGIES)
-def test_spliced_prefill_matches_the_model_forward(demo_run, name):
+def test_spliced_prefill_matches_the_model_forward(demo_run, name, prepend):
     """The timed path (cached tower outputs → selection → projector → splice → LM prefill) gives the logits of
     the model's own forward at the last prompt position, and splices as many visual tokens."""
     from processing import WSIProcessor, load_annotations
@@ -83,6 +84,7 @@ def test_spliced_prefill_matches_the_model_forward(demo_run, name):
     from wsi_llava.evaluation import evaluation_items
 
     model = WSILlavaForConditionalGeneration.from_pretrained(demo_run / "model").eval()
+    model.config.prepend_slide_embedding = prepend  # new models put the slide embedding first (from_parts)
     processor = WSIProcessor.from_pretrained(demo_run / "model")
     item = evaluation_items(load_annotations(demo_run / "data" / "llava_diagnosis_test.json", "llava"))[0]
     batch = build_generation_inputs(processor, [item["h5_path"]], [item["history"]])

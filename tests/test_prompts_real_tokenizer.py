@@ -17,13 +17,18 @@ from processing import WSIProcessor
 ANSWERS = ("3", "yes", "B", "high grade", "12.5 mm")
 
 
-def _processor(tokenizer, chat: bool) -> WSIProcessor:
-    tok = copy.deepcopy(tokenizer)
-    if not chat:
-        tok.chat_template = None  # the plain USER: ... ASSISTANT: format
-    processor = WSIProcessor(tok, feature_dim=4)
-    processor.ensure_slide_token()
-    return processor
+@pytest.fixture(scope="module")
+def processors(smollm2_tokenizer):
+    """One processor per prompt format (building one copies and extends a 49k-token vocabulary: seconds)."""
+    built = {}
+    for chat in (False, True):
+        tok = copy.deepcopy(smollm2_tokenizer)
+        if not chat:
+            tok.chat_template = None  # the plain USER: ... ASSISTANT: format
+        processor = WSIProcessor(tok, feature_dim=4)
+        processor.ensure_slide_token()
+        built[chat] = processor
+    return built
 
 
 def _first_label(labels: list[int], after: int = 0) -> int:
@@ -37,8 +42,8 @@ def _answer_starts(labels: list[int]) -> list[int]:
 
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat_template"])
 @pytest.mark.parametrize("answer", ANSWERS)
-def test_generation_prompt_is_the_training_prefix(smollm2_tokenizer, chat, answer):
-    processor = _processor(smollm2_tokenizer, chat)
+def test_generation_prompt_is_the_training_prefix(processors, smollm2_tokenizer, chat, answer):
+    processor = processors[chat]
     question = "What is the tumour grade? Options: 1, 2, 3."
     conversation = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     example = processor.build_instruction_example(conversation)
@@ -52,8 +57,8 @@ def test_generation_prompt_is_the_training_prefix(smollm2_tokenizer, chat, answe
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat_template"])
-def test_multi_turn_generation_prompts_are_training_prefixes(smollm2_tokenizer, chat):
-    processor = _processor(smollm2_tokenizer, chat)
+def test_multi_turn_generation_prompts_are_training_prefixes(processors, chat):
+    processor = processors[chat]
     turns = [{"role": "user", "content": "Is there necrosis?"}, {"role": "assistant", "content": "yes"},
              {"role": "user", "content": "Which option, A) G1 B) G2 C) G3?"}, {"role": "assistant", "content": "B"},
              {"role": "user", "content": "How many mitoses per 10 HPF?"}, {"role": "assistant", "content": "3"}]
@@ -67,8 +72,8 @@ def test_multi_turn_generation_prompts_are_training_prefixes(smollm2_tokenizer, 
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat_template"])
-def test_question_mask_is_the_current_question_only(smollm2_tokenizer, chat):
-    processor = _processor(smollm2_tokenizer, chat)
+def test_question_mask_is_the_current_question_only(processors, chat):
+    processor = processors[chat]
     tok = processor.tokenizer
 
     def marked(ids, mask):
@@ -92,8 +97,8 @@ def test_question_mask_is_the_current_question_only(smollm2_tokenizer, chat):
     assert all(not m for t, m in zip(example["input_ids"], example["question_mask"]) if t == slide)
 
 
-def test_text_only_prompts_have_no_placeholder(smollm2_tokenizer):
-    processor = _processor(smollm2_tokenizer, True)
+def test_text_only_prompts_have_no_placeholder(processors):
+    processor = processors[True]
     conversation = [{"role": "user", "content": "Describe the slide."}, {"role": "assistant", "content": "B"}]
     example = processor.build_instruction_example(conversation, with_slide=False)
     assert processor.slide_token_id not in example["input_ids"]

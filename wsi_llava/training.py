@@ -297,8 +297,9 @@ def check_lora_targets(model: nn.Module, pattern: str) -> list[str]:
 
 def prepare_stage(model: WSILlavaForConditionalGeneration, args: LlavaTrainingArguments) -> nn.Module:
     """Freeze / wrap the model for ``args.stage``: 2 → projector only; 3 → LoRA on the LM + projector copy."""
-    if args.loss_average not in ("token", "sample"):
-        raise ValueError(f"--loss_average {args.loss_average!r}: use token or sample.")
+    loss_average = getattr(args, "loss_average", "token")
+    if loss_average not in ("token", "sample"):
+        raise ValueError(f"--loss_average {loss_average!r}: use token or sample.")
     model.requires_grad_(False)
     if args.stage == 2:
         model.multi_modal_projector.requires_grad_(True)

@@ -18,18 +18,19 @@ with ``max_tokens`` = ``--max_tokens`` (32) — and on the same items for every 
   runs before decoding — selection (incl. scoring projections / question embedding) + projector + splice + LM
   prefill with KV cache + the last position's logits, from the slide tower's outputs (computed once per slide,
   with the CLS-attention row; the tower's own time, the same for every strategy, is printed beside it, and the
-  speed-up including it in an extra column).
+  speed-up including it in an extra column). A *floor* row times the same prompt without the slide (0 visual
+  tokens): no selector can beat ``none / floor``.
 
 The demo slides are small (61–288 tiles, capped at the processor's 256), so there the prefill ratio is bounded by
-``(text + N) / (text + K)`` (≈ 2.5× for ~70 prompt tokens). The **5× target is meant for slides of thousands of
-tiles**, so the prefill is also timed on **enlarged slides** of ``--large_tiles`` tiles (default 2,048 / 4,096 /
-8,192), built from real held-out tiles: the item's own test slide, then the other test slides with the same gold
-answer (the same class: the demo's diagnosis is planted in the slide features), in file order and cycled, each
-slide's tiles moved to a block of a larger grid (block = the largest test slide's tile bounding box + a 2-cell gap,
-blocks row-major on a square arrangement), the last block cut in row-major tile order to exactly the requested
-size. Diagnosis accuracy is also reported on the enlarged slides of ``--large_accuracy_tiles`` tiles for the first
-``--large_accuracy_items`` items — **not a held-out measurement** (the model never saw slides this large, and the
-enlargement is stitched from several held-out slides of the answer's class, chosen with the gold answer).
+``(text + N) / (text + K)`` (≈ 2.4× for ~70 prompt tokens, ~170 tiles, K = 32). The **5× target is meant for slides
+of thousands of tiles**, so the prefill is also timed on **enlarged slides** of ``--large_tiles`` tiles (default
+2,048 / 4,096 / 8,192), built from real held-out tiles: the item's own test slide, then the other test slides with
+the same gold answer (the same class: the demo's diagnosis is planted in the slide features), in file order and
+cycled, each slide's tiles moved to a block of a larger grid (block = the largest test slide's tile bounding box + a
+2-cell gap, blocks row-major on a square arrangement), the last block cut in row-major tile order to exactly the
+requested size. Diagnosis accuracy is also reported on the enlarged slides of ``--large_accuracy_tiles`` tiles for
+the first ``--large_accuracy_items`` items — **not a held-out measurement** (the model never saw slides this large,
+and the enlargement is stitched from several held-out slides of the answer's class, chosen with the gold answer).
 
 Finally the **training step** of WSI-LLaVA vs a text-only step of the same LM: the demo's stage-3 recipe (LoRA r 16 on
 the LM + the projector trainable, via ``wsi_llava.training.prepare_stage``, AdamW), one forward + backward + optimizer
@@ -40,6 +41,9 @@ reported apart. The ratio is the slide path's overhead.
 
 Targets (issue): PruMerge ≥ 5× faster prefill than ``none`` at ≤ 2 points diagnosis-accuracy loss (checked for
 ``prumerge`` and ``prumerge_plus``, on the held-out slides and on the enlarged slides; printed as met / NOT met).
+With 30 held-out questions one item is 3.3 points, so the run also prints, per strategy, how many items it answered
+differently from ``none`` (right→wrong / wrong→right). The run ends with the CPU time other processes used meanwhile
+(``/proc/stat``): on a shared CPU, a run that was not alone says so (timings inflated; rerun when idle).
 
 **synthetic** — the random-weight prefill suite (``--tiles`` tiles, Prov-GigaPath-sized slide encoder, SmolLM2-135M
 shaped LM; only shapes matter): slide-encoder time, then per strategy the selection's own time, visual tokens kept,
@@ -92,7 +96,7 @@ class Args:
     report_batch_size: int = field(default=12, metadata={"help": "reports per generate() call"})
     report_max_new_tokens: int = field(default=48, metadata={"help": "report length (new tokens)"})
     prefill_items: int | None = field(default=None, metadata={"help": "held-out items timed (default: all)"})
-    prefill_repeats: int = field(default=3, metadata={"help": "best-of repeats per prefill timing"})
+    prefill_repeats: int = field(default=2, metadata={"help": "best-of repeats per prefill timing"})
     large_tiles: list[int] = field(default_factory=lambda: [2048, 4096, 8192], metadata={
         "help": "tile counts of the enlarged slides (empty: skip)"})
     large_items: int = field(default=1, metadata={"help": "enlarged slides timed per size"})
@@ -244,25 +248,22 @@ def selection_kwargs(name: str, max_tokens: int) -> dict[str, Any]:
 class SplicedPrefill:
     """The pre-decoding work of ``generate()`` for one batch-1 prompt, from cached slide-tower outputs.
 
-    Mirrors ``WSILlavaModel.select_slide_tokens`` → ``get_slide_features`` → ``prepare_multimodal_inputs`` (question
-    embedding when the selector needs it, selection, projector, splice) and then the LM prefill with KV cache and
-    the last position's logits; only the slide tower is taken out (run once in ``__init__``, with the CLS-attention
-    row, and timed as ``tower_s``). ``tests/test_bench_llava.py`` checks it against the model's own forward.
+    Runs the model's own ``WSILlavaModel.prepare_multimodal_inputs`` (question embedding when the selector needs it,
+    selection, the slide embedding first when ``config.prepend_slide_embedding``, projector, splice) and then the LM
+    prefill with KV cache and the last position's logits. Only the slide tower is taken out: it runs once in
+    ``__init__`` (with the CLS-attention row, timed as ``tower_s``) and, during a call, the model's ``_tower_tokens``
+    returns those cached outputs. ``tests/test_bench_llava.py`` checks the logits against the model's own forward.
     """
 
     def __init__(self, model: Any, batch: dict[str, torch.Tensor], device: str):
         self.model, self.inner, self.batch = model, model.model, batch
-        inner = self.inner
-        features, coords, mask = batch["tile_features"], batch["tile_coords"], batch["tile_mask"]
         _sync(device)
         start = time.perf_counter()
-        self.tokens, self.tower_out = inner._tower_tokens(features, coords, mask, need_attention=True)
+        self.cached = self.inner._tower_tokens(batch["tile_features"], batch["tile_coords"], batch["tile_mask"],
+                                               need_attention=True)
         _sync(device)
         self.tower_s = time.perf_counter() - start
-        self.mask = mask.to(device=self.tokens.device, dtype=torch.bool)
-        self.grid = torch.div(coords.to(self.tokens.device).long(), int(inner.config.vision_config.tile_size),
-                              rounding_mode="floor").clamp_min(0).masked_fill(~self.mask.unsqueeze(-1), 0)
-        self.tiles = int(self.mask.sum())
+        self.tiles = int(batch["tile_mask"].sum())
         self.text_tokens = int(batch["attention_mask"].sum()) - 1  # the placeholder is not a text token
 
     def text_only(self) -> torch.Tensor:
@@ -277,23 +278,18 @@ class SplicedPrefill:
 
     def __call__(self, name: str, options: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """Last-position logits ``[1, 1, V]`` and the number of visual tokens spliced."""
-        from wsi_llava.token_selection import TokenSelectionInputs, get_token_selector, run_token_selector
-
         inner, batch = self.inner, self.batch
-        input_ids, attention = batch["input_ids"], batch["attention_mask"]
-        question = None
-        if "question_embedding" in get_token_selector(name).requires:
-            question = inner.question_embedding(input_ids, batch["question_mask"])
-        projector = inner.multi_modal_projector
-        selection = run_token_selector(name, TokenSelectionInputs(
-            tokens=self.tokens, token_mask=self.mask, grid=self.grid, cls_attention=self.tower_out.cls_attention,
-            keys=self.tower_out.tile_keys, question_embedding=question, project=projector), **options)
-        visual = projector(selection.tokens)  # [1, K, E]
-        embeds, mask, _, positions = inner.splice(input_ids, inner.get_input_embeddings()(input_ids), visual,
-                                                  selection.token_mask, attention, None, "left")
-        hidden = inner.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                      use_cache=True).last_hidden_state
-        return self.model.lm_head(hidden[:, -1:]), int(selection.token_mask.sum())
+        inner._tower_tokens = lambda *args, **kwargs: self.cached  # instance attribute: shadows the method
+        try:
+            spliced, slides = inner.prepare_multimodal_inputs(
+                batch["input_ids"], batch["tile_features"], batch["tile_coords"], batch["tile_mask"],
+                batch["attention_mask"], token_selection=name, token_selection_kwargs=options,
+                question_mask=batch["question_mask"], padding_side="left")
+        finally:
+            del inner._tower_tokens
+        hidden = inner.language_model(inputs_embeds=spliced["inputs_embeds"], attention_mask=spliced["attention_mask"],
+                                      position_ids=spliced["position_ids"], use_cache=True).last_hidden_state
+        return self.model.lm_head(hidden[:, -1:]), int(slides.visual_token_counts[0])
 
 
 def enlarge_slide(sources: list[Any], tiles: int, block_cells: tuple[int, int], tile_size: int = 256,
@@ -373,16 +369,23 @@ def _fmt_delta(value: float | None, base: float | None) -> str:
     return "-" if value is None or base is None else f"{(value - base) * 100:+.1f}"
 
 
-def _verdict(speed: float | None, delta_points: float | None) -> str:
+def _verdict(speed: float | None, delta_points: float | None, none_accuracy: float | None = None,
+             blind: float | None = None, items: str = "") -> str:
+    """One target line: speed ≥ 5x and accuracy loss ≤ 2 points. When ``none`` itself does not beat its blind
+    baseline, a Δ accuracy cannot reveal a loss, so the accuracy half is reported as not testable, never as met."""
     if speed is None:
         return "not measured"
     fast = speed >= 5.0
+    speed_text = f"{speed:.1f}x prefill speed-up ({'>=' if fast else '<'} 5x)"
     if delta_points is None:
-        return f"{speed:.1f}x ({'>=' if fast else '<'} 5x), accuracy not measured here"
+        return f"speed {'met' if fast else 'NOT met'}: {speed_text}; accuracy not measured at this size"
     close = delta_points >= -2.0
-    ok = "met" if fast and close else "NOT met"
-    return (f"{ok}: {speed:.1f}x prefill speed-up ({'>=' if fast else '<'} 5x), {delta_points:+.1f} points accuracy "
-            f"({'within' if close else 'beyond'} -2)")
+    accuracy_text = f"{delta_points:+.1f} points accuracy vs none{items}: {'no' if close else 'a'} loss beyond 2 points"
+    if none_accuracy is not None and blind is not None and none_accuracy <= blind:
+        return (f"speed {'met' if fast else 'NOT met'}, accuracy NOT testable: {speed_text}; {accuracy_text}, but "
+                f"none itself scores {none_accuracy * 100:.1f} % <= its blind baseline {blind * 100:.1f} %, so this "
+                "model does not answer from the slide and a Δ cannot show a loss")
+    return f"{'met' if fast and close else 'NOT met'}: {speed_text}; {accuracy_text}"
 
 
 @torch.inference_mode()
@@ -513,7 +516,8 @@ def _large(args: Args, model: Any, processor: Any, device: str, items: list[dict
     def enlarged(item: dict[str, Any], tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
         return enlarge_slide(sources(item), tiles, block, tile_size, getattr(vision, "slide_ngrids", None))
 
-    results: dict[str, Any] = {"block_cells": list(block), "sizes": []}
+    results: dict[str, Any] = {"block_cells": list(block), "sizes": [],
+                               "lm_context": getattr(model.config.text_config, "max_position_embeddings", None)}
     for tiles in sizes:
         entry = {"tiles": tiles, "items": min(args.large_items, len(items)), "strategies": {}}
         times = {name: [] for name in args.strategies}
@@ -548,7 +552,9 @@ def _large(args: Args, model: Any, processor: Any, device: str, items: list[dict
                                  token_selection_kwargs=selection_kwargs(name, args.max_tokens), do_sample=False)
             metrics = _closed(subset, answers, majority)
             accuracy["strategies"][name] = {"accuracy": metrics["accuracy"], "kept_mean": sum(k) / len(k),
-                                            "correct": metrics["correct"]}
+                                            "correct": metrics["correct"],
+                                            "blind_baseline": max(metrics["majority_baseline"],
+                                                                  metrics["random_baseline"])}
         held = {r["strategy"]: r for r in report["held_out"]["strategies"]} if "held_out" in report else {}
         accuracy["held_out_same_items"] = {n: sum(r["correct"][: len(subset)]) / len(subset) for n, r in held.items()}
         results["accuracy"] = accuracy
@@ -572,6 +578,11 @@ def _print_large(args: Args, results: dict[str, Any]) -> None:
                 speed_tower = f"{(base['prefill_s'] + t) / (r['prefill_s'] + t):.1f}x" if base else "-"
                 print(f"| {entry['tiles']:,} | {name} | {r['kept_mean']:.0f} | {_fmt_ms(r['prefill_s'])} | {speed} | "
                       f"{speed_tower} |")
+        context = results.get("lm_context")
+        over = [e["tiles"] for e in results["sizes"] if context and e["tiles"] + e["text_tokens_mean"] > context]
+        if over:
+            print(f"\nnone at {', '.join(f'{t:,}' for t in over)} tiles runs past the LM's {context:,} trained "
+                  "positions (RoPE extrapolates; the timing is valid, an answer would not be).")
         print("\nSlide tower (once per slide, same for all strategies): " + ", ".join(
             f"{e['tiles']:,} tiles {_fmt_ms(e['tower_s'])} ms" for e in results["sizes"]) + ".")
     acc = results.get("accuracy")
@@ -696,8 +707,16 @@ def run_trained(args: Args) -> dict[str, Any]:
         print(f"(training step skipped: {data / args.train_file} not found)")
     report["seconds"] = time.perf_counter() - started
     report["other_processes_cores"] = cpu_share.others_cores()
+    print_report(args, report)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+        print(f"numbers written to {args.output}")
+    return report
 
-    # ------------------------------------------------------------------------------------------ print everything
+
+def print_report(args: Args, report: dict[str, Any]) -> None:
+    """Print every table and the target lines of a trained-mode run (also from its saved ``--output`` JSON)."""
     _print_held_out(args, report["held_out"])
     if "enlarged" in report:
         _print_large(args, report["enlarged"])
@@ -711,18 +730,22 @@ def run_trained(args: Args) -> dict[str, Any]:
             continue
         speed = held["none"]["prefill_s"] / held[name]["prefill_s"]
         delta = (held[name]["accuracy"] - held["none"]["accuracy"]) * 100
-        verdicts[f"{name}, held-out"] = _verdict(speed, delta)
+        blind = max(held["none"]["majority_baseline"], held["none"]["random_baseline"])
+        verdicts[f"{name}, held-out"] = _verdict(speed, delta, held["none"]["accuracy"], blind,
+                                                 f" (n={report['held_out']['items']})")
         enlarged = report.get("enlarged", {})
         accuracy = enlarged.get("accuracy", {})
         acc = accuracy.get("strategies", {})
         for entry in enlarged.get("sizes", []):
             rows = entry["strategies"]
             if name in rows and "none" in rows:
-                delta_big = None
+                delta_big = none_acc = blind = None
                 if entry["tiles"] == accuracy.get("tiles") and name in acc and "none" in acc:
                     delta_big = (acc[name]["accuracy"] - acc["none"]["accuracy"]) * 100
+                    none_acc, blind = acc["none"]["accuracy"], acc["none"].get("blind_baseline")
                 verdicts[f"{name}, enlarged {entry['tiles']:,} tiles"] = _verdict(
-                    rows["none"]["prefill_s"] / rows[name]["prefill_s"], delta_big)
+                    rows["none"]["prefill_s"] / rows[name]["prefill_s"], delta_big, none_acc, blind,
+                    f" (n={accuracy.get('items')}, not held-out)")
     for key, line in verdicts.items():
         print(f"* {key}: {line}")
     held_out = report["held_out"]
@@ -742,11 +765,6 @@ def run_trained(args: Args) -> dict[str, Any]:
         f"; other processes kept {others:.2f} of {os.cpu_count()} cores busy on average meanwhile" + (
             " — the machine was NOT idle: timings are inflated, rerun on an idle machine" if others > 0.25 else ""))
     print(f"\n(benchmark took {report['seconds']:.0f} s{load})")
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
-        print(f"numbers written to {args.output}")
-    return report
 
 
 # ================================================================================================ synthetic mode
