@@ -128,9 +128,10 @@ def load_model_and_processor(args: EvalArguments, device: str) -> tuple[Any, Any
     return model, processor
 
 
-def answer_loss(args: EvalArguments, model: Any, processor: Any, path: str, device: str) -> dict[str, float]:
+def answer_loss(args: EvalArguments, model: Any, processor: Any, path: str, device: str, text_only: bool
+                ) -> dict[str, float]:
     """Teacher-forced loss (nats per answer token, token-weighted over the whole file) of the gold answers: how well
-    the model predicts the reference, with the slide or (``--text_only``) without it."""
+    the model predicts the reference, with the slide or (``text_only``) without it."""
     import torch
     from tqdm.auto import tqdm
 
@@ -140,7 +141,7 @@ def answer_loss(args: EvalArguments, model: Any, processor: Any, path: str, devi
     if args.max_items:
         rows = rows.select(range(min(args.max_items, len(rows))))
     collator = InstructionCollator(processor, max_tiles=args.max_tiles or processor.max_tiles,
-                                   tile_sampling="uniform", max_length=args.max_length, text_only=args.text_only)
+                                   tile_sampling="uniform", max_length=args.max_length, text_only=text_only)
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), args.batch_size), desc="answer loss"):
@@ -184,11 +185,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.mode == "loss":
         model, processor = load_model_and_processor(args, device)
-        report = {"loss": answer_loss(args, model, processor, args.annotations, device)}
+        report = {"loss": answer_loss(args, model, processor, args.annotations, device, args.text_only)}
         if args.loss_text_only_too and not args.text_only:
-            args.text_only = True
-            report["loss_text_only"] = answer_loss(args, model, processor, args.annotations, device)
-            args.text_only = False
+            report["loss_text_only"] = answer_loss(args, model, processor, args.annotations, device, True)
         for key, label in (("loss", "text only" if args.text_only else "with the slide"),
                            ("loss_text_only", "text only")):
             if key in report:

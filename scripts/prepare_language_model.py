@@ -36,19 +36,9 @@ class PrepareArguments:
 
 def main(argv: list[str] | None = None) -> str:
     (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
-    from wsi_llava.language_models import find_packaged_gguf, gguf_to_folder, resolve_language_model
+    from wsi_llava.language_models import resolve_language_model
 
-    source = args.language_model
-    if args.output_dir is not None and (source.startswith("gguf:") or source.lower().endswith(".gguf")
-                                        or args.gguf_file):
-        gguf = find_packaged_gguf(source[5:]) if source.startswith("gguf:") else source
-        if args.gguf_file:
-            from transformers.utils import cached_file
-
-            gguf = cached_file(source, args.gguf_file)
-        folder = str(gguf_to_folder(gguf, args.output_dir))
-    else:
-        folder = resolve_language_model(source, args.gguf_file)
+    folder = resolve_language_model(args.language_model, args.gguf_file, args.output_dir)
     if args.check_generation:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -332,8 +332,12 @@ def test_accelerate_fsdp_config_builds_the_plugin(path, monkeypatch):
     for key, value in prepare_multi_gpu_env(args).items():
         if key.startswith(("ACCELERATE_", "FSDP_")):
             monkeypatch.setenv(key, value)
-    if not torch.cuda.is_available():  # sync_module_states asks for the current device, nothing else needs one
-        monkeypatch.setattr(accelerate_dataclasses, "is_cuda_available", lambda: True)
+    if not torch.cuda.is_available():  # sync_module_states asks for the device, nothing else needs one
+        # accelerate < 1.16 asks is_cuda_available() + torch.cuda.current_device(); 1.16+ get_torch_accelerator_backend()
+        if hasattr(accelerate_dataclasses, "get_torch_accelerator_backend"):
+            monkeypatch.setattr(accelerate_dataclasses, "get_torch_accelerator_backend", lambda *a, **k: ("cuda", torch.cuda))
+        if hasattr(accelerate_dataclasses, "is_cuda_available"):
+            monkeypatch.setattr(accelerate_dataclasses, "is_cuda_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     plugin = FullyShardedDataParallelPlugin()
     fsdp = _raw(path)["fsdp_config"]

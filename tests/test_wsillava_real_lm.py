@@ -100,3 +100,19 @@ def test_two_stages_train_and_batched_generation_equals_one_by_one(built, slide_
               for s, q in zip(slides, questions)]
     assert batched == single
     assert all(isinstance(a, str) and a for a in batched)
+
+
+def test_gguf_sources_fail_clearly(tmp_path):
+    from wsi_llava.language_models import LanguageModelSourceError, gguf_to_folder, resolve_language_model
+
+    with pytest.raises(LanguageModelSourceError, match="GGUF file not found"):
+        gguf_to_folder(tmp_path / "missing.gguf")
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF not really")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "something.txt").write_text("user data")
+    with pytest.raises(LanguageModelSourceError, match="not a complete conversion"):
+        resolve_language_model(fake, output_dir=taken)  # never overwrites a folder it did not write
+    assert (taken / "something.txt").read_text() == "user data"
+    assert resolve_language_model("org/some-model") == "org/some-model"  # folders / Hub ids pass through

@@ -138,23 +138,28 @@ def gguf_to_folder(gguf_file: str | os.PathLike, output_dir: str | os.PathLike |
     return target
 
 
-def resolve_language_model(source: str | os.PathLike, gguf_file: str | None = None, **hub_kwargs: Any) -> str:
+def resolve_language_model(source: str | os.PathLike, gguf_file: str | None = None,
+                           output_dir: str | os.PathLike | None = None, **hub_kwargs: Any) -> str:
     """Any accepted LM source → a folder or Hub id that ``from_pretrained`` loads as a plain model.
 
     * a folder or Hub id: returned unchanged (``gguf_file`` set: that file of the folder / repo is converted);
     * a path to a ``.gguf`` file: converted once (:func:`gguf_to_folder`), the cached folder is returned;
     * ``"gguf:smollm2"``: the GGUF of an installed PyPI model wheel (:data:`PACKAGED_GGUF`).
+
+    ``output_dir``: where a GGUF source is converted to (default: the cache); ignored for plain folders / Hub ids.
     """
     text = str(source)
     if text.startswith("gguf:"):
-        return str(gguf_to_folder(find_packaged_gguf(text[len("gguf:"):])))
-    if gguf_file is not None:
+        gguf: Path | str | None = find_packaged_gguf(text[len("gguf:"):])
+    elif gguf_file is not None:
         from transformers.utils import cached_file
 
-        return str(gguf_to_folder(cached_file(text, gguf_file, **hub_kwargs)))
-    if text.lower().endswith(".gguf"):
-        return str(gguf_to_folder(text))
-    return text
+        gguf = cached_file(text, gguf_file, **hub_kwargs)
+    elif text.lower().endswith(".gguf"):
+        gguf = text
+    else:
+        return text
+    return str(gguf_to_folder(gguf, output_dir))
 
 
 __all__ = ["gguf_to_folder", "resolve_language_model", "find_packaged_gguf", "cache_root", "LanguageModelSourceError",
