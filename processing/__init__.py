@@ -1,7 +1,8 @@
 """Data layer: slide H5 reading and validation, tile sampling, ``WSIProcessor``, annotations, collators.
 
-Importing this package is cheap: heavy dependencies (transformers, datasets) load on first use of the names
-that need them.
+Importing it registers ``WSIProcessor`` with ``AutoProcessor`` (so ``AutoProcessor.from_pretrained`` of any folder
+holding a ``processor_config.json`` that names it returns one) and marks it for ``auto_map`` export; the other
+heavy names (annotations, collators, preflight) load on first use.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from .errors import AnnotationError, PromptError, SlideFormatError, WSIDataError
 from .slide_io import (SOURCE_LAYOUTS, TILE_SAMPLING_STRATEGIES, SlideFeatures, infer_tile_stride, read_slide,
                        sample_tile_indices, slide_num_tiles, spatial_order, write_slide)
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version of the distribution (setup.cfg reads it)
 
 _LAZY = {
-    "WSIProcessor": "processing_wsi",
     "load_annotations": "annotations",
     "ContrastiveCollator": "collators",
     "InstructionCollator": "collators",
@@ -44,3 +44,21 @@ __all__ = [
     "infer_tile_stride", "SOURCE_LAYOUTS", "TILE_SAMPLING_STRATEGIES", "WSIDataError", "SlideFormatError",
     "AnnotationError", "PromptError", *_LAZY,
 ]
+
+
+from .processing_wsi import WSIProcessor  # noqa: E402  (after the lazy table: it imports transformers)
+
+__all__ += ["WSIProcessor"]
+
+
+def _register_processor() -> None:
+    """``AutoProcessor`` resolves ``processor_config.json``'s ``"processor_class": "WSIProcessor"`` by name among the
+    registered processors; the key is not a config class because any model kind may use this processor (the model
+    packages also map their configs to it)."""
+    from transformers import AutoProcessor
+
+    AutoProcessor.register("wsi_processor", WSIProcessor, exist_ok=True)
+    WSIProcessor.register_for_auto_class("AutoProcessor")  # processor folders carry auto_map and their code
+
+
+_register_processor()

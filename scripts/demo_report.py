@@ -195,7 +195,8 @@ def draw_heatmaps(out: Path, clip_dir: Path, llava_dir: Path, data: Path, num_sl
     import wsi_clip  # noqa: F401  (registers the Auto classes)
     import wsi_llava  # noqa: F401
     from processing import WSIProcessor, load_annotations
-    from wsi_clip.heatmaps import render_tile_heatmap, selected_tiles, tile_attention, tile_text_similarity
+    from wsi_clip.heatmaps import render_tile_heatmap, tile_attention, tile_text_similarity
+    from wsi_llava.heatmaps import selected_tiles
     from transformers import AutoModel, AutoModelForImageTextToText
 
     figures: list[Path] = []

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     from processing import WSIProcessor
     from wsi_clip.hub import require_checkpoint_files
-    from wsi_clip.heatmaps import render_tile_heatmap, selected_tiles, tile_attention, tile_text_similarity
+    from wsi_clip.heatmaps import render_tile_heatmap, tile_attention, tile_text_similarity
+    from wsi_llava.heatmaps import selected_tiles
 
     require_checkpoint_files(args.model)
     config = AutoConfig.from_pretrained(args.model)

@@ -253,8 +253,7 @@ def test_checkpoint_folders_missing_files(llava_data, tmp_path):
 
 def test_converted_tower_with_unexpected_keys(tmp_path):
     from wsi_clip import WSIClipModel
-    from wsi_clip.modeling_slide_encoder import SlideCheckpointError
-    from wsi_llava.modeling_wsillava import load_slide_tower
+    from wsi_clip.slide_towers import SlideCheckpointError, load_slide_tower
 
     tower = _tiny_tower_folder(tmp_path / "tower")
     weights = load_file(tower / "model.safetensors")
@@ -265,7 +264,7 @@ def test_converted_tower_with_unexpected_keys(tmp_path):
         load_slide_tower(str(tower))
     message = str(err.value)
     assert str(tower) in message and "unexpected keys (1): encoder.layers.0.extra.weight" in message
-    assert "missing keys (1): patch_embed.bias" in message and "scripts/convert_gigapath.py" in message
+    assert "missing keys (1): patch_embed.bias" in message and "wsi-convert-gigapath" in message
     with pytest.raises(SlideCheckpointError, match="unexpected keys"):
         WSIClipModel.from_towers(slide_encoder=str(tower), text_model=None)
 

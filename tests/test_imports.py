@@ -1,4 +1,5 @@
-"""Importing the packages is cheap: no model is built, heavy data libraries load only on use."""
+"""Importing the packages is cheap: no model is built, heavy data libraries load only on use, and each package
+registers what it defines with the Auto classes itself."""
 
 from __future__ import annotations
 
@@ -16,7 +17,23 @@ def _modules_after(code: str) -> dict:
 
 def test_import_processing_is_lazy():
     loaded = _modules_after("import processing")
-    assert not loaded["datasets"] and not loaded["transformers"] and not loaded["peft"]
+    # transformers: registering WSIProcessor with AutoProcessor needs it; the data libraries wait for their use
+    assert not loaded["datasets"] and not loaded["peft"]
+
+
+def test_import_processing_alone_makes_auto_processor_return_a_wsi_processor(tmp_path):
+    from conftest import build_tiny_tokenizer
+
+    from processing import WSIProcessor
+
+    WSIProcessor(tokenizer=build_tiny_tokenizer()).save_pretrained(tmp_path)
+    code = ("import os; os.environ['HF_HUB_OFFLINE'] = '1'\n"
+            "import processing\n"
+            "from transformers import AutoProcessor\n"
+            f"processor = AutoProcessor.from_pretrained({str(tmp_path)!r})\n"
+            "assert type(processor) is processing.WSIProcessor, type(processor)\n"
+            "assert 'wsi_clip' not in __import__('sys').modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_lazy_names_resolve():

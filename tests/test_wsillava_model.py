@@ -224,7 +224,6 @@ def test_remote_code_loading_without_the_package(processor, model, tmp_path):
 
 
 def test_from_parts_with_slide_encoder_and_wsiclip_style_checkpoints(processor, model, tmp_path):
-    from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
     tower = model.vision_tower
@@ -238,14 +237,15 @@ def test_from_parts_with_slide_encoder_and_wsiclip_style_checkpoints(processor, 
     torch.testing.assert_close(built.lm_head.weight, lm.lm_head.weight)
     gamma = built.multi_modal_projector.gamma.item()
     assert gamma > 0 and gamma != 1.0
-    # a WSI-CLIP-like composite checkpoint: slide tower under a prefix, its config as a sub-config
+    # a WSI-CLIP checkpoint: its slide tower is taken (a tiny BERT text tower beside it)
+    from transformers import BertConfig, BertModel
+
+    from wsi_clip import WSIClipModel
+
     clip_dir = tmp_path / "clip"
-    clip_dir.mkdir()
-    (clip_dir / "config.json").write_text(json.dumps({
-        "model_type": "wsi_clip", "slide_config": tower.config.to_dict(), "text_config": {"model_type": "bert"}}))
-    state = {f"slide_model.{k}": v.contiguous() for k, v in tower.state_dict().items()}
-    state["text_model.embeddings.weight"] = torch.zeros(2, 2)
-    save_file(state, str(clip_dir / "model.safetensors"))
+    text = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32), add_pooling_layer=False)
+    WSIClipModel.from_towers(slide_encoder=tower, text_model=text, projection_dim=8).save_pretrained(clip_dir)
     built2 = WSILlavaForConditionalGeneration.from_parts(clip_dir, lm, slide_token_id=processor.slide_token_id)
     for key, value in tower.state_dict().items():
         torch.testing.assert_close(built2.vision_tower.state_dict()[key], value)

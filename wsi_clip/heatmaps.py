@@ -144,15 +144,4 @@ def tile_text_similarity(model, processor, prompt: str, tile_features: torch.Ten
     return tiles @ torch.nn.functional.normalize(embed[0], dim=-1)  # [N]
 
 
-@torch.no_grad()
-def selected_tiles(model, tile_features: torch.Tensor, tile_coords: torch.Tensor, tile_mask: torch.Tensor | None = None,
-                   token_selection: str | None = None) -> torch.Tensor:
-    """``[N]`` bool: tiles a WSI-LLaVA token selector keeps (their tokens, or tokens merged into them, reach the LM)."""
-    selected = model.get_slide_features(tile_features, tile_coords, tile_mask, token_selection=token_selection)
-    kept = torch.zeros(tile_features.shape[1], dtype=torch.bool)
-    index = selected.selection_indices[0]
-    kept[index[index >= 0].cpu()] = True
-    return kept
-
-
-__all__ = ["render_tile_heatmap", "tile_grid", "tile_attention", "tile_text_similarity", "selected_tiles"]
+__all__ = ["render_tile_heatmap", "tile_grid", "tile_attention", "tile_text_similarity"]

@@ -18,14 +18,57 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-OWN_PACKAGES = ("wsi_clip", "wsi_llava", "processing")
+BASE_PACKAGES = ("processing", "wsi_clip")
+KIND_ENTRY_POINTS = "wsi_mm.model_kinds"  # setup.cfg: packages above this one that add checkpoint kinds
 
-# model_type -> (auto class used to load it, pipeline tag, package to import, human name)
-MODEL_KINDS: dict[str, tuple[str, str, str, str]] = {
-    "wsi_clip": ("AutoModel", "zero-shot-classification", "wsi_clip", "WSI-CLIP slide-text model"),
-    "wsi_slide_encoder": ("AutoModel", "feature-extraction", "wsi_clip", "Prov-GigaPath-compatible slide encoder"),
-    "wsi_llava": ("AutoModelForImageTextToText", "image-text-to-text", "wsi_llava", "WSI-LLaVA slide language model"),
+
+@dataclass(frozen=True)
+class ModelKind:
+    """How a checkpoint of one ``model_type`` is loaded, tagged and described on the Hub."""
+
+    auto_class: str  # transformers Auto class that loads it
+    pipeline_tag: str
+    package: str  # the package whose import registers its classes
+    title: str  # human name for the model card
+
+
+MODEL_KINDS: dict[str, ModelKind] = {
+    "wsi_clip": ModelKind("AutoModel", "zero-shot-classification", "wsi_clip", "WSI-CLIP slide-text model"),
+    "wsi_slide_encoder": ModelKind("AutoModel", "feature-extraction", "wsi_clip",
+                                   "Prov-GigaPath-compatible slide encoder"),
+    "wsi_abmil": ModelKind("AutoModel", "feature-extraction", "wsi_clip", "ABMIL slide tower"),
+    "wsi_mean_pool": ModelKind("AutoModel", "feature-extraction", "wsi_clip", "mean-pooling slide tower"),
 }
+
+
+def register_model_kind(model_type: str, *, auto_class: str, pipeline_tag: str, package: str, title: str) -> None:
+    """Called by a higher package for the checkpoint kind it adds (this module never names it)."""
+    MODEL_KINDS[model_type] = ModelKind(auto_class, pipeline_tag, package, title)
+
+
+def _load_kind_plugins() -> None:
+    """Import every installed package that declares checkpoint kinds (entry point group ``wsi_mm.model_kinds``)."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=KIND_ENTRY_POINTS):
+        entry.load()
+
+
+def model_kind(model_type: str) -> ModelKind:
+    """The :class:`ModelKind` of a ``model_type``, importing the packages that declare kinds when it is unknown."""
+    if model_type not in MODEL_KINDS:
+        _load_kind_plugins()
+    if model_type not in MODEL_KINDS:
+        raise CheckpointError(f"model_type {model_type!r} is not a checkpoint kind of this package (known: "
+                              f"{sorted(MODEL_KINDS)}); is the package that defines it installed?")
+    return MODEL_KINDS[model_type]
+
+
+def own_packages() -> tuple[str, ...]:
+    """Every package of this distribution (hidden by the remote-code check)."""
+    _load_kind_plugins()
+    return tuple(sorted(set(BASE_PACKAGES) | {kind.package for kind in MODEL_KINDS.values()}))
+
 
 _BLOCKER = """
 import importlib.abc, sys
@@ -134,8 +177,9 @@ def _clean_env() -> dict[str, str]:
 
 def load_check_code(folder: Path, auto_class: str, *, remote: bool, package: str) -> str:
     """Python source that loads ``folder`` with ``auto_class`` and runs nothing else (for a subprocess)."""
-    header = _BLOCKER.format(blocked=set(OWN_PACKAGES)) if remote else f"import {package}\n"
-    check_hidden = (f"for name in {OWN_PACKAGES!r}:\n"
+    packages = own_packages()
+    header = _BLOCKER.format(blocked=set(packages)) if remote else f"import {package}\n"
+    check_hidden = (f"for name in {packages!r}:\n"
                     "    try:\n        __import__(name)\n    except ImportError:\n        pass\n"
                     "    else:\n        raise AssertionError(name + ' is still importable')\n"
                     if remote else "")
@@ -170,7 +214,8 @@ def validate_checkpoint(folder: str | Path, *, check_loading: bool = True) -> Va
     missing = missing_checkpoint_files(folder)
     report.checks["auto_map / sibling files present"] = "ok" if not missing else f"missing {missing}"
     if check_loading:
-        auto_class, _, package, _ = MODEL_KINDS.get(model_type, ("AutoModel", "", "wsi_clip", ""))
+        kind = model_kind(model_type)
+        auto_class, package = kind.auto_class, kind.package
         with_pkg = _run_python(load_check_code(folder, auto_class, remote=False, package=package), folder.parent)
         what = auto_class + (" + AutoProcessor" if (folder / "processor_config.json").is_file() else "")
         report.checks[f"{what} load with the package installed"] = with_pkg or "ok"
@@ -187,7 +232,8 @@ def build_model_card(folder: str | Path, *, repo_id: str, metrics: dict[str, Any
     folder = Path(folder)
     config = read_checkpoint_config(folder)
     model_type = config.get("model_type", "wsi_clip")
-    auto_class, pipeline_tag, package, human = MODEL_KINDS.get(model_type, ("AutoModel", None, "wsi_clip", model_type))
+    kind = model_kind(model_type)
+    auto_class, pipeline_tag, package, human = kind.auto_class, kind.pipeline_tag, kind.package, kind.title
     metrics = metrics or {}
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     bases = [b for b in (base_models or []) if b and not Path(b).exists()]  # local paths are not Hub ids

@@ -13,13 +13,14 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_wsiclip import ABMILConfig, MeanPoolingConfig
+from .masked_pooling import masked_mean
 
 
 @dataclass
-class MILPoolingOutput(ModelOutput):
+class MILPoolingOutput(BaseModelOutputWithPooling):
     """Outputs of the MIL slide towers (B slides, N tile slots, H = output width).
 
     Args:
@@ -28,10 +29,9 @@ class MILPoolingOutput(ModelOutput):
         pooler_output: ``[B, H]`` slide vector.
         attention_scores: ``[B, N]`` float32 softmax attention weight of each tile (ABMIL only; sums to 1 over the
             real tiles, 0 on padding): where the model looked, for heatmaps.
+        hidden_states / attentions: unused (no layers to report).
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    pooler_output: torch.FloatTensor | None = None
     attention_scores: torch.FloatTensor | None = None
 
 
@@ -118,8 +118,7 @@ class MeanPoolingModel(_MILPreTrainedModel):
         mask = _check_bag(tile_features, tile_mask, self.config.input_dim, "mean pooling")
         dtype = next(self.parameters()).dtype if any(True for _ in self.parameters()) else torch.float32
         hidden = self.tile_mlp(tile_features.to(dtype))  # [B, N, H]
-        weights = mask.to(hidden.dtype).unsqueeze(-1)  # [B, N, 1]
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # [B, H]
+        pooled = masked_mean(hidden, mask)  # [B, H]
         output = MILPoolingOutput(last_hidden_state=hidden, pooler_output=pooled)
         return output if (return_dict is None or return_dict) else output.to_tuple()
 

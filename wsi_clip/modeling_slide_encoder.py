@@ -20,42 +20,19 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_slide_encoder import SlideEncoderConfig
 from .dilated_attention import DilatedSelfAttention
+from .masked_pooling import masked_mean
 
 
 class SlideInputError(ValueError):
     """The tiles given to the slide encoder violate its input contract (shapes, dtypes, coordinate frame)."""
 
 
-class SlideCheckpointError(ValueError):
-    """A slide-tower checkpoint's weights do not match its config (missing, unexpected or reshaped keys)."""
-
-
-def from_pretrained_strict(model_class: type, path: str, **kwargs) -> PreTrainedModel:
-    """``model_class.from_pretrained(path)`` that refuses missing, unexpected or mismatched weights.
-
-    ``from_pretrained`` only warns about them, leaving random weights in place (a converted checkpoint with renamed
-    or extra keys would then train or embed silently from noise).
-    """
-    model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
-    problems = {k: sorted(str(x) for x in info.get(k) or ()) for k in ("missing_keys", "unexpected_keys",
-                                                                       "mismatched_keys")}
-    problems = {k: v for k, v in problems.items() if v}
-    if problems:
-        listed = "; ".join(f"{k.replace('_', ' ')} ({len(v)}): {', '.join(v[:8])}{' ...' if len(v) > 8 else ''}"
-                           for k, v in problems.items())
-        raise SlideCheckpointError(f"{path}: the weights do not match {model_class.__name__} as configured by its "
-                                   f"config.json: {listed}. Fix: re-convert the original checkpoint with "
-                                   "scripts/convert_gigapath.py (it checks every key), or re-save the model with "
-                                   "save_pretrained; do not edit the weight files by hand.")
-    return model
-
-
 @dataclass
-class SlideEncoderOutput(ModelOutput):
+class SlideEncoderOutput(BaseModelOutputWithPooling):
     """Outputs of :class:`SlideEncoderModel` (B slides, N tile slots, D = hidden_size, H heads).
 
     Args:
@@ -65,6 +42,7 @@ class SlideEncoderOutput(ModelOutput):
             the mean over real tiles (``pooling="mean"``, upstream ``global_pool=True``).
         hidden_states: ``num_hidden_layers + 1`` tensors ``[B, N+1, D]``: the embedded input and the raw output of
             every layer, **without** the final LayerNorm (upstream ``encoder_states``). Only when requested.
+        attentions: unused (dilated attention has no dense map; see ``cls_attention``).
         cls_attention: ``[B, H, N]`` float32, last layer's ``softmax(q_cls · k_j / sqrt(d))`` over the full (not
             dilated) sequence of real tokens, CLS key included in the softmax but not returned (LLaVA-PruMerge
             convention); zeros on padded tiles. Only with ``output_cls_attention=True``.
@@ -72,9 +50,6 @@ class SlideEncoderOutput(ModelOutput):
             token merging. Only with ``output_cls_attention=True``.
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    pooler_output: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
     cls_attention: torch.FloatTensor | None = None
     tile_keys: torch.FloatTensor | None = None
 
@@ -372,9 +347,7 @@ class SlideEncoderModel(SlideEncoderPreTrainedModel):
             return self.head_norm(tokens[:, 0])
         if pooling != "mean":
             raise ValueError(f"pooling={pooling!r} is not one of ('cls', 'mean').")
-        weights = tile_mask.to(tokens.dtype).unsqueeze(-1)  # [B, N, 1]
-        summed = (tokens[:, 1:] * weights).sum(dim=1)  # [B, D]
-        return self.head_norm(summed / weights.sum(dim=1).clamp_min(1.0))
+        return self.head_norm(masked_mean(tokens[:, 1:], tile_mask))  # [B, D]
 
     def all_layer_embeddings(self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None = None,
                              pooling: str | None = None) -> list[Tensor]:
@@ -403,4 +376,4 @@ def _unsort(x: Tensor, order: Tensor, dim: int) -> Tensor:
 
 
 __all__ = ["SlideEncoderModel", "SlideEncoderPreTrainedModel", "SlideEncoderOutput", "SlideEncoderLayer",
-           "SlideInputError", "SlideCheckpointError", "from_pretrained_strict", "sincos_2d_position_embedding"]
+           "SlideInputError", "sincos_2d_position_embedding"]

@@ -29,8 +29,9 @@ from transformers.utils import ModelOutput
 
 from .configuration_wsiclip import SLIDE_TOWERS, WSIClipConfig, slide_output_dim, slide_tower_name
 from .losses import multi_positive_contrastive_loss
+from .masked_pooling import masked_mean
 from .mil_pooling import ABMILModel, MeanPoolingModel
-from .modeling_slide_encoder import SlideEncoderModel, from_pretrained_strict
+from .modeling_slide_encoder import SlideEncoderModel
 
 SLIDE_TOWER_MODELS: dict[str, type[PreTrainedModel]] = {
     "slide_encoder": SlideEncoderModel,
@@ -41,21 +42,20 @@ assert set(SLIDE_TOWER_MODELS) == set(SLIDE_TOWERS)
 
 
 @dataclass
-class WSIClipSlideOutput(ModelOutput):
+class WSIClipSlideOutput(BaseModelOutputWithPooling):
     """Output of :meth:`WSIClipModel.get_slide_features` (B slides, N tile slots, E = projection_dim).
 
     Args:
-        pooler_output: ``[B, E]`` projected slide embedding, **not** normalised.
         last_hidden_state: the slide tower's token states: ``[B, N+1, D]`` (slide encoder, CLS first) or ``[B, N, H]``
             (ABMIL / mean pooling).
+        pooler_output: ``[B, E]`` projected slide embedding, **not** normalised.
+        hidden_states / attentions: unused (see ``slide_model_output``).
         tile_attention: ``[B, N]`` float32 where the tower looked: ABMIL's softmax attention, or the slide encoder's
             last-layer CLS→tile attention averaged over heads (only with ``output_tile_attention=True``); 0 on padding.
             ``None`` for mean pooling.
         slide_model_output: the slide tower's full output.
     """
 
-    pooler_output: torch.FloatTensor | None = None
-    last_hidden_state: torch.FloatTensor | None = None
     tile_attention: torch.FloatTensor | None = None
     slide_model_output: ModelOutput | None = None
 
@@ -110,12 +110,6 @@ def _text_model_kwargs(text_config: PretrainedConfig, text_pooling: str) -> dict
         return {}
     return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters \
         else {}
-
-
-def _masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
-    """Mean over the real positions: hidden ``[B, T, D]``, mask ``[B, T]`` → ``[B, D]``."""
-    weights = mask.to(hidden.dtype).unsqueeze(-1)  # [B, T, 1]
-    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 class WSIClipPreTrainedModel(PreTrainedModel):
@@ -194,7 +188,9 @@ class WSIClipModel(WSIClipPreTrainedModel):
             probe = WSIClipConfig(slide_tower=slide_tower or WSIClipConfig.slide_tower, slide_config=slide_config)
             slide_encoder = SLIDE_TOWER_MODELS[probe.slide_tower](probe.slide_config)
         elif isinstance(slide_encoder, (str, bytes)) or hasattr(slide_encoder, "__fspath__"):
-            slide_encoder = _load_slide_tower(str(slide_encoder))
+            from .slide_towers import load_slide_tower  # checkpoint reading stays out of this file
+
+            slide_encoder = load_slide_tower(slide_encoder)
         if slide_tower_name(slide_encoder.config) is None:
             raise ValueError(f"from_towers: slide_encoder is a {type(slide_encoder).__name__} with model_type "
                              f"{slide_encoder.config.model_type!r}; expected a SlideEncoderModel, ABMILModel or "
@@ -264,7 +260,7 @@ class WSIClipModel(WSIClipPreTrainedModel):
         out = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         hidden = out.last_hidden_state  # [B, T, D]
         if self.config.text_pooling == "mean":
-            pooled = _masked_mean(hidden, attention_mask)
+            pooled = masked_mean(hidden, attention_mask)
         elif self.config.text_pooling == "cls":
             pooled = hidden[:, 0]
         else:
@@ -338,20 +334,6 @@ def _default_case_ids(batch: int, device: torch.device) -> Tensor:
     """One case per row, unique across ranks (plain CLIP targets)."""
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return torch.arange(batch, device=device) + rank * batch
-
-
-def _load_slide_tower(path: str) -> PreTrainedModel:
-    """A slide tower from a folder / Hub id: a tower checkpoint, or the ``slide_model`` of a WSI-CLIP checkpoint."""
-    config_dict, _ = PretrainedConfig.get_config_dict(path)
-    model_type = config_dict.get("model_type")
-    if model_type == WSIClipConfig.model_type:
-        return from_pretrained_strict(WSIClipModel, path).slide_model
-    name = slide_tower_name(config_dict)
-    if name is None:
-        raise ValueError(f"{path}: config.json has model_type {model_type!r}; a slide tower must be a "
-                         "'wsi_slide_encoder' (e.g. a converted Prov-GigaPath encoder), 'wsi_abmil', "
-                         "'wsi_mean_pool' or a 'wsi_clip' checkpoint.")
-    return from_pretrained_strict(SLIDE_TOWER_MODELS[name], path)  # a converted tower must match key for key
 
 
 __all__ = ["WSIClipModel", "WSIClipPreTrainedModel", "WSIClipOutput", "WSIClipSlideOutput", "SLIDE_TOWER_MODELS"]

@@ -1,21 +1,20 @@
 """Configuration of WSI-LLaVA: slide encoder → visual-token selection → gamma-scaled projector → any causal LM.
 
-Hub-shipped: ``save_pretrained`` copies this file (and the sibling slide-encoder files it imports) next to the
-weights, so it imports only stdlib, transformers and ``.sibling`` modules. The ``try`` import keeps one class
-identity in-process (the ``wsi_clip`` one) while remote loading without the package uses the copied sibling.
+Hub-shipped: ``save_pretrained`` copies this file and the files it imports next to the weights
+(:mod:`.remote_code`), so it imports only stdlib, transformers and ``.sibling`` modules. ``.configuration_slide_encoder``
+is ``wsi_clip``'s module: aliased by ``wsi_llava/__init__`` inside the package, the copy beside it in a checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-try:  # in-process: the package's class (one identity for isinstance checks elsewhere)
-    from wsi_clip.configuration_slide_encoder import SlideEncoderConfig
-except ImportError:  # remote code: the sibling file copied next to the checkpoint
-    from .configuration_slide_encoder import SlideEncoderConfig
+from .configuration_slide_encoder import SlideEncoderConfig
+from .remote_code import save_remote_code
 
 
 class WSILlavaConfig(PretrainedConfig):
@@ -77,17 +76,11 @@ class WSILlavaConfig(PretrainedConfig):
             raise ValueError(f"token_selection_kwargs must be a dict of selector options, got "
                              f"{type(self.token_selection_kwargs).__name__}.")
 
-    def to_dict(self) -> dict[str, Any]:
-        """As ``PretrainedConfig.to_dict``, plus ``auto_map["AutoModel"]`` (the base ``WSILlavaModel``) wherever the
-        ``auto_map`` names the generation class: ``save_pretrained`` writes only the saved class's own auto class,
-        so without it ``AutoModel.from_pretrained(ckpt, trust_remote_code=True)`` fails where the package is absent.
-        The module is the generation class's (both live in the copied ``modeling_wsillava.py``)."""
-        output = super().to_dict()
-        auto_map = output.get("auto_map")
-        head = auto_map.get("AutoModelForImageTextToText") if isinstance(auto_map, dict) else None
-        if isinstance(head, str) and head.endswith(".WSILlavaForConditionalGeneration") and "AutoModel" not in auto_map:
-            output["auto_map"] = {**auto_map, "AutoModel": head.rsplit(".", 1)[0] + ".WSILlavaModel"}
-        return output
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """As ``PretrainedConfig.save_pretrained``, with the Python files beside ``config.json`` and ``auto_map``
+        naming them (model saves go through here too). Why not ``register_for_auto_class``: see :mod:`.remote_code`."""
+        save_remote_code(self, save_directory)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 __all__ = ["WSILlavaConfig"]

@@ -1,8 +1,9 @@
 """WSI-LLaVA: slide encoder → visual-token selection → ``gamma · MLP`` projector → any Hugging Face causal LM.
 
-Hub-shipped: ``save_pretrained`` copies this file with its siblings (configuration, token selection, slide encoder
-files), so it imports only stdlib, torch, transformers and ``.sibling`` modules. The ``try`` imports keep one class
-identity in-process (``wsi_clip``'s) and fall back to the copied siblings when loaded with ``trust_remote_code``.
+Hub-shipped: ``save_pretrained`` copies this file with the files it imports (configuration, token selection, slide
+encoder: see :mod:`.remote_code`), so it imports only stdlib, torch, transformers and ``.sibling`` modules. The slide
+encoder modules (``.modeling_slide_encoder``, ``.masked_pooling``, ``.slide_towers``) are ``wsi_clip``'s: inside the
+package ``wsi_llava/__init__`` aliases them (one class per process), in a checkpoint they are the copies beside it.
 
 Layout follows HF Llava (``model.vision_tower`` / ``model.multi_modal_projector`` / ``model.language_model`` +
 ``lm_head``), but instead of expanding the placeholder into a fixed number of tokens in the processor, the model
@@ -12,7 +13,6 @@ visual tokens may differ per slide (adaptive PruMerge) in training and in batche
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from contextlib import nullcontext
@@ -25,19 +25,17 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from .configuration_wsillava import WSILlavaConfig
 from .token_selection import TokenSelectionInputs, TokenSelectionOutput, get_token_selector, run_token_selector
 
-try:  # in-process: one class identity with the wsi_clip package
-    from wsi_clip.modeling_slide_encoder import SlideEncoderModel, from_pretrained_strict
-except ImportError:  # remote code: the copied sibling
-    from .modeling_slide_encoder import SlideEncoderModel, from_pretrained_strict
+from .masked_pooling import masked_mean
+from .modeling_slide_encoder import SlideEncoderModel
 
 SLIDE_INPUT_NAMES = ("tile_features", "tile_coords", "tile_mask", "token_selection", "token_selection_kwargs",
                      "question_embedding", "question_mask")
-SLIDE_ENCODER_MODEL_TYPE = "wsi_slide_encoder"
 GAMMA_PROBE_SIZE = 1024
 GAMMA_PROBE_SEED = 0
 
@@ -63,7 +61,7 @@ class WSILlavaSlideFeatures(ModelOutput):
 
 
 @dataclass
-class WSILlavaModelOutputWithPast(ModelOutput):
+class WSILlavaModelOutputWithPast(BaseModelOutputWithPast):
     """Outputs of :class:`WSILlavaModel` (L = spliced length = T − 1 + K).
 
     Args:
@@ -77,10 +75,6 @@ class WSILlavaModelOutputWithPast(ModelOutput):
             :class:`WSILlavaSlideFeatures`).
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     attention_mask: torch.LongTensor | None = None
     position_ids: torch.LongTensor | None = None
     labels: torch.LongTensor | None = None
@@ -90,7 +84,7 @@ class WSILlavaModelOutputWithPast(ModelOutput):
 
 
 @dataclass
-class WSILlavaCausalLMOutputWithPast(ModelOutput):
+class WSILlavaCausalLMOutputWithPast(CausalLMOutputWithPast):
     """Outputs of :class:`WSILlavaForConditionalGeneration`.
 
     Args:
@@ -102,11 +96,6 @@ class WSILlavaCausalLMOutputWithPast(ModelOutput):
             selection_indices: ``[B, K]`` kept tile indices (-1: padding / summary token).
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     attention_mask: torch.LongTensor | None = None
     position_ids: torch.LongTensor | None = None
     labels: torch.LongTensor | None = None
@@ -279,8 +268,7 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
             raise ValueError(f"question_mask marks no question token in row(s) {empty}; prompt-guided selection "
                              "needs the question text (rows built by WSIProcessor mark it).")
         embeds = self.get_input_embeddings()(input_ids).float()  # [B, T, E]
-        weights = use.float().unsqueeze(-1)  # [B, T, 1]
-        return (embeds * weights).sum(dim=1) / weights.sum(dim=1)  # [B, E]
+        return masked_mean(embeds, use)  # [B, E] (every row has a question token, checked above)
 
     def select_slide_tokens(self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None = None,
                             token_selection: str | None = None, token_selection_kwargs: dict | None = None,
@@ -456,68 +444,6 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
             selection_indices=slides.selection_indices if slides is not None else None)
 
 
-# ------------------------------------------------------------------------------------------------ tower loading
-def _find_slide_tower(module: nn.Module) -> nn.Module:
-    """The slide encoder inside a model: the model itself or its first sub-module whose config says so (duck-typed
-    on ``config.model_type``, so WSI-CLIP and remote-code classes work)."""
-    for _, sub in module.named_modules():
-        if getattr(getattr(sub, "config", None), "model_type", None) == SLIDE_ENCODER_MODEL_TYPE:
-            return sub
-    raise ValueError(f"{type(module).__name__} holds no slide encoder (no sub-module with config.model_type == "
-                     f"{SLIDE_ENCODER_MODEL_TYPE!r}); pass a SlideEncoderModel or a WSI-CLIP model / checkpoint.")
-
-
-def _read_state_dict(source: str, **hub_kwargs: Any) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-    from transformers.utils import cached_file
-
-    single = cached_file(source, "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-    if single is not None:
-        return load_file(single)
-    index = cached_file(source, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False,
-                        **hub_kwargs)
-    if index is None:
-        raise FileNotFoundError(f"{source}: no model.safetensors(.index.json) found; save the checkpoint with "
-                                "save_pretrained (safetensors).")
-    with open(index, encoding="utf-8") as fh:
-        shards = sorted(set(json.load(fh)["weight_map"].values()))
-    state: dict[str, Tensor] = {}
-    for shard in shards:
-        state.update(load_file(cached_file(source, shard, **hub_kwargs)))
-    return state
-
-
-def load_slide_tower(source: str | os.PathLike | nn.Module, **hub_kwargs: Any) -> nn.Module:
-    """A ``SlideEncoderModel`` from a slide-encoder checkpoint, a WSI-CLIP checkpoint (its slide tower: the sub-config
-    with ``model_type == "wsi_slide_encoder"`` and the weights under the matching prefix), or a model instance."""
-    if isinstance(source, nn.Module):
-        return _find_slide_tower(source)
-    from transformers.utils import cached_file
-
-    source = str(source)
-    with open(cached_file(source, "config.json", **hub_kwargs), encoding="utf-8") as fh:
-        config = json.load(fh)
-    if config.get("model_type") == SLIDE_ENCODER_MODEL_TYPE:
-        return from_pretrained_strict(SlideEncoderModel, source, **hub_kwargs)
-    sub = [(k, v) for k, v in config.items() if isinstance(v, dict) and v.get("model_type") == SLIDE_ENCODER_MODEL_TYPE]
-    if not sub:
-        raise ValueError(f"{source}/config.json (model_type {config.get('model_type')!r}) has no slide-encoder "
-                         f"sub-config (a dict with model_type {SLIDE_ENCODER_MODEL_TYPE!r}); pass a SlideEncoder or "
-                         "WSI-CLIP checkpoint as vision_tower.")
-    tower_config = SlideEncoderModel.config_class(**{k: v for k, v in sub[0][1].items() if k != "model_type"})
-    tower = SlideEncoderModel(tower_config)
-    wanted = set(tower.state_dict())
-    state = _read_state_dict(source, **hub_kwargs)
-    anchor = "patch_embed.weight"
-    prefixes = {k[: -len(anchor)] for k in state if k.endswith(anchor)}
-    for prefix in sorted(prefixes, key=len):
-        if all(prefix + k in state for k in wanted):
-            tower.load_state_dict({k: state[prefix + k] for k in wanted}, strict=True)
-            return tower
-    raise ValueError(f"{source}: found no complete slide-encoder weight set (tried prefixes {sorted(prefixes)}); "
-                     "is this a WSI-CLIP checkpoint with a SlideEncoder slide tower?")
-
-
 # ------------------------------------------------------------------------------------------------ generation head
 class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin):
     """WSI-LLaVA with the LM head: training loss on answer tokens, and ``generate()`` over slides + prompts."""
@@ -643,9 +569,9 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
 
         Args:
             vision_tower: a SlideEncoder or WSI-CLIP checkpoint (path or Hub id) or model instance.
-            language_model: any causal-LM checkpoint (``AutoModelForCausalLM``: a folder or Hub id), a ``.gguf``
-                file (or ``gguf_file=`` in ``language_model_kwargs``, or ``"gguf:smollm2"``), dequantised once into a
-                cached safetensors folder (``wsi_llava.language_models.gguf_to_folder``), or a model instance.
+            language_model: any causal-LM checkpoint (``AutoModelForCausalLM``: a folder or Hub id) or a model
+                instance. A ``.gguf`` file or ``"gguf:smollm2"``: resolve it first with
+                ``wsi_llava.language_models.resolve_language_model`` (dequantised once into a cached folder).
             slide_token_id: the placeholder id (``processor.slide_token_id``; after ``ensure_slide_token`` also
                 call ``model.resize_token_embeddings(len(tokenizer))``).
             prepend_slide_embedding: put the tower's pooled slide embedding (``pooler_output``) before the selected
@@ -653,20 +579,15 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
             language_model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``dtype``,
                 ``attn_implementation``, ...).
         """
-        tower = load_slide_tower(vision_tower, **(vision_tower_kwargs or {}))
-        lm_kwargs = dict(language_model_kwargs or {})
-        if not isinstance(language_model, nn.Module):
-            gguf_file = lm_kwargs.pop("gguf_file", None)
-            if gguf_file is not None or str(language_model).lower().endswith(".gguf") or \
-                    str(language_model).startswith("gguf:"):
-                try:  # training-side helper of the package (not shipped with checkpoints)
-                    from wsi_llava.language_models import resolve_language_model
-                except ImportError as err:
-                    raise ImportError("building WSI-LLaVA on a GGUF language model needs the wsi-mm package "
-                                      "(wsi_llava.language_models converts it once to safetensors).") from err
-                language_model = resolve_language_model(language_model, gguf_file)
+        from .slide_towers import SLIDE_ENCODER_MODEL_TYPE, load_slide_tower  # checkpoint reading lives there
+
+        tower = load_slide_tower(vision_tower, (SLIDE_ENCODER_MODEL_TYPE,), **(vision_tower_kwargs or {}))
+        if str(language_model).lower().endswith(".gguf") or str(language_model).startswith("gguf:") or \
+                "gguf_file" in (language_model_kwargs or {}):
+            raise ValueError(f"from_parts: language_model {language_model!r} is a GGUF source; convert it first: "
+                             "language_model = wsi_llava.language_models.resolve_language_model(source, gguf_file).")
         lm = language_model if isinstance(language_model, nn.Module) else AutoModelForCausalLM.from_pretrained(
-            language_model, **lm_kwargs)
+            language_model, **(language_model_kwargs or {}))
         config = WSILlavaConfig(vision_config=tower.config, text_config=lm.config, slide_token_id=slide_token_id,
                                 token_selection=token_selection, token_selection_kwargs=token_selection_kwargs,
                                 projector_gamma_init=projector_gamma_init, vision_feature_layer=vision_feature_layer,
@@ -692,4 +613,4 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
 
 __all__ = ["WSILlavaPreTrainedModel", "WSILlavaModel", "WSILlavaForConditionalGeneration", "WSILlavaProjector",
            "WSILlavaSlideFeatures", "WSILlavaModelOutputWithPast", "WSILlavaCausalLMOutputWithPast",
-           "load_slide_tower", "SLIDE_INPUT_NAMES"]
+           "SLIDE_INPUT_NAMES"]

@@ -1,1 +1,0 @@
-../wsi_clip/configuration_slide_encoder.py

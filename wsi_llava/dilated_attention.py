@@ -1,1 +1,0 @@
-../wsi_clip/dilated_attention.py

@@ -1,1 +1,0 @@
-../wsi_clip/modeling_slide_encoder.py
