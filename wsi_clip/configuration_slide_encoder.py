@@ -1,7 +1,7 @@
 """Configuration of the Prov-GigaPath-compatible slide encoder (LongNet over tile features).
 
 Hub-shipped: ``save_pretrained`` copies this file next to the weights, so it imports only stdlib and
-transformers (see DESIGN.md §2).
+transformers.
 """
 
 from __future__ import annotations

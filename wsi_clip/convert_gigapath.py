@@ -1,8 +1,9 @@
 """Convert an original Prov-GigaPath slide-encoder checkpoint into a Hugging Face folder.
 
-Training-side module (not Hub-shipped). ``scripts/convert_gigapath.py`` is the command-line front end::
+Training-side module (not Hub-shipped). The command-line front end is ``wsi-convert-gigapath``
+(``scripts/convert_gigapath.py`` in a checkout)::
 
-    python scripts/convert_gigapath.py --checkpoint slide_encoder.pth --output gigapath-slide-encoder
+    wsi-convert-gigapath --checkpoint slide_encoder.pth --output gigapath-slide-encoder
 
 Input: the ``"model"`` dict of the original ``slide_encoder.pth`` (loaded with ``weights_only=True``) or a
 safetensors file / plain ``state_dict`` with the original key names. Depth, width, FFN width and input dim are

@@ -2,7 +2,7 @@
 
 Hub-shipped helper of ``modeling_slide_encoder.py``: imports only stdlib and torch.
 
-What upstream (torchscale ``DilatedAttention``) computes, and what this module reproduces (research/gigapath.md §4):
+What upstream (torchscale ``DilatedAttention``, as used by Prov-GigaPath) computes, and what this module reproduces:
 
 * Per branch ``(segment_length sl, ratio r)``: ``s = min(sl, L)``; the sequence is zero-padded at its end to whole
   segments of ``s``; each segment is zero-padded at its end to a multiple of ``r``; head group ``j`` (contiguous

@@ -3,7 +3,7 @@
 Hub-shipped: ``save_pretrained`` copies this file, ``configuration_slide_encoder.py`` and ``dilated_attention.py``
 next to the weights, so only stdlib, torch, transformers and ``.sibling`` imports are allowed here.
 
-Numerics follow the original ``LongNetViT`` (research/gigapath.md §1, §4): ``Linear(input_dim → D)`` + 2-D sin-cos
+Numerics follow the original Prov-GigaPath ``LongNetViT``: ``Linear(input_dim → D)`` + 2-D sin-cos
 position of ``floor(coords / tile_size)`` (computed on the fly in float64, no million-row table), CLS token, pre-LN
 Sub-LN layers with LongNet dilated attention, exact GELU in fp32, final LayerNorm, head ``norm``. Unlike the
 original, ragged batches are supported (``tile_mask``) and give every slide its B=1 result.
