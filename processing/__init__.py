@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .coordinates import infer_tile_stride, spatial_order
 from .errors import AnnotationError, PromptError, SlideFormatError, WSIDataError
-from .slide_io import (SOURCE_LAYOUTS, TILE_SAMPLING_STRATEGIES, SlideFeatures, infer_tile_stride, read_slide,
-                       sample_tile_indices, slide_num_tiles, spatial_order, write_slide)
+from .slide_io import SOURCE_LAYOUTS, SlideFeatures, read_slide, slide_num_tiles, write_slide
+from .tile_sampling import TILE_SAMPLING_STRATEGIES, sample_tile_indices
 
 __version__ = "0.1.0"  # the one version of the distribution (setup.cfg reads it)
 
@@ -21,7 +22,6 @@ _LAZY = {
     "ContrastiveCollator": "collators",
     "InstructionCollator": "collators",
     "stable_id": "collators",
-    "make_demo_dataset": "demo_data",
     "preflight_check": "preflight",
     "inspect_slide": "preflight",
     "PreflightReport": "preflight",

@@ -17,9 +17,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from .coordinates import infer_tile_stride, validate_coords
 from .errors import SlideFormatError, WSIDataError
-from .slide_io import (_as_float32, _features_dataset, _finite_rows, _open, _read_coords, infer_tile_stride,
-                       validate_coords)
+from .feature_reader import as_float32, finite_rows
+from .slide_io import features_dataset, open_slide_file, read_coords
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,10 @@ def inspect_slide(path: str | Path, *, feature_dim: int | None = None, tile_size
     plus a wrong feature dimension and coordinates outside the encoder's position grid.
     """
     path = Path(path)
-    with _open(path) as f:
-        ds = _features_dataset(f, path)
+    with open_slide_file(path) as f:
+        ds = features_dataset(f, path)
         num_tiles, dim = (int(v) for v in ds.shape)
-        coords, _, _ = _read_coords(f, path, num_tiles)
+        coords, _, _ = read_coords(f, path, num_tiles)
         validate_coords(coords, str(path))
         if feature_dim is not None and dim != feature_dim:
             raise SlideFormatError(f"{path}: tile features have dimension {dim} but the model expects "
@@ -71,7 +72,7 @@ def inspect_slide(path: str | Path, *, feature_dim: int | None = None, tile_size
             check_grid(coords, tile_size, slide_ngrids, str(path))
         if check_values:
             for start in range(0, num_tiles, _VALUE_SCAN_ROWS):
-                finite = _finite_rows(_as_float32(ds[start:start + _VALUE_SCAN_ROWS]))  # [rows]
+                finite = finite_rows(as_float32(ds[start:start + _VALUE_SCAN_ROWS]))  # [rows]
                 if not bool(finite.all()):
                     rows = (torch.nonzero(~finite).flatten() + start).tolist()
                     raise SlideFormatError(f"{path}: tile(s) with NaN/Inf features (on-disk rows {rows[:5]}), "
@@ -218,8 +219,8 @@ def common_feature_dim(paths: Iterable[str | Path], limit: int = 32) -> int:
     first_error: WSIDataError | None = None
     for path in list(dict.fromkeys(str(p) for p in paths))[:limit]:
         try:
-            with _open(Path(path)) as f:
-                dim = int(_features_dataset(f, Path(path)).shape[1])
+            with open_slide_file(Path(path)) as f:
+                dim = int(features_dataset(f, Path(path)).shape[1])
         except WSIDataError as err:
             first_error = first_error or err
             continue

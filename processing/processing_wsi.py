@@ -16,8 +16,10 @@ import torch
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .coordinates import validate_coords
 from .errors import PromptError, SlideFormatError
-from .slide_io import TILE_SAMPLING_STRATEGIES, SlideFeatures, read_slide, sample_tile_indices, validate_coords
+from .slide_io import SlideFeatures, read_slide
+from .tile_sampling import TILE_SAMPLING_STRATEGIES, sample_tile_indices
 
 logger = logging.getLogger(__name__)
 

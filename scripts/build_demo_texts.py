@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Regenerate ``processing/demo_texts/`` — the small, attributed subset of real pathology texts used by the
-synthetic demo data set (``processing/demo_data.py``).
+"""Regenerate ``scripts/demo_data/texts/`` — the small, attributed subset of real pathology texts used by the
+synthetic demo data set (``scripts/demo_data/``).
 
 Sources (both Apache-2.0 repositories; see the generated ``NOTICE.md``):
 
@@ -32,7 +32,7 @@ from transformers import HfArgumentParser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
-DEFAULT_OUTPUT = REPO_ROOT / "processing" / "demo_texts"
+DEFAULT_OUTPUT = REPO_ROOT / "scripts" / "demo_data" / "texts"
 
 # Origins as recorded in the data folders' READMEs (shared/data/{slidebench,wsi-bench}/README.md).
 SLIDEBENCH_ORIGIN = ("github.com/HadiyyaMattummathodi/slidechatplusplus (a fork of github.com/uni-medical/SlideChat "
@@ -163,7 +163,7 @@ def _notice(args: BuildDemoTextsArguments, counts: dict[str, dict[str, int]]) ->
     return f"""# Demo texts: origin, licence and citation
 
 These files are a small subset of **real** pathology texts used by the synthetic demo data set
-(`processing/demo_data.py`). They are regenerated deterministically by `scripts/build_demo_texts.py`.
+(`scripts/demo_data/`). They are regenerated deterministically by `scripts/build_demo_texts.py`.
 
 **The slide features of the demo are synthetic.** The slide ids below name real TCGA slides whose texts these
 are, but no image or feature of those slides is shipped or used: the demo pairs these texts with randomly

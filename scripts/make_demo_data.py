@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Write the synthetic demo data set (real texts + synthetic slide features); see ``processing/demo_data.py``.
+"""Write the synthetic demo data set (real texts + synthetic slide features); see ``scripts/demo_data/``.
 
-Same as the ``wsi-make-demo-data`` console script, runnable from a checkout without installing::
+Runnable from a checkout (the generator is not part of the installed packages)::
 
     python scripts/make_demo_data.py --output_dir demo_data --feature_dim 128 --num_cases 64
     python scripts/make_demo_data.py --help
@@ -12,9 +12,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for a checkout
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS.parent))  # the repository root, for processing in a checkout
+sys.path.insert(0, str(SCRIPTS))  # scripts/demo_data, ahead of any demo_data/ output folder in the working directory
 
-from processing.demo_data import main  # noqa: E402
+from demo_data import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

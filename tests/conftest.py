@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
+SCRIPTS = REPO_ROOT / "scripts"
+if str(SCRIPTS) not in sys.path:  # the synthetic demo-data generator, scripts/demo_data, imports as ``demo_data``
+    sys.path.append(str(SCRIPTS))
 
 _WORDS = ("the a of and in is are with tumor tumour carcinoma cells slide shows invasive ductal breast lung "
           "adenocarcinoma squamous grade high low what which type diagnosis answer question report normal "

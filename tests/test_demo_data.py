@@ -12,9 +12,9 @@ import h5py
 import numpy as np
 import pytest
 
-from processing.demo_data import (CSV_COLUMNS, DEMO_CLASSES, DEMO_TEXTS_DIR, SPLITS, load_demo_texts, main,
-                                  make_demo_dataset)
-from processing.slide_io import SOURCE_LAYOUTS, read_slide, spatial_order
+from demo_data import CSV_COLUMNS, DEMO_CLASSES, DEMO_TEXTS_DIR, SPLITS, load_demo_texts, main, make_demo_dataset
+from processing.coordinates import spatial_order
+from processing.slide_io import SOURCE_LAYOUTS, read_slide
 
 NUM_CASES, FEATURE_DIM = 64, 64
 
@@ -227,7 +227,7 @@ def test_annotation_files_load_with_the_package_loader(demo):
 
 
 def test_diagnosis_questions_are_grounded_in_the_planted_class(tmp_path):
-    from processing.demo_data import CLASS_PROMPTS, make_demo_dataset
+    from demo_data import CLASS_PROMPTS, make_demo_dataset
 
     out = make_demo_dataset(tmp_path / "d", num_cases=12, feature_dim=8, min_tiles=20, max_tiles=40)
     records = json.loads(Path(out["llava"]["diagnosis"]["train"]).read_text())

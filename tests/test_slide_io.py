@@ -119,7 +119,7 @@ def test_sampling_strategies(tmp_path):
 def test_sampled_read_touches_only_chosen_rows(tmp_path, monkeypatch, chunked):
     """Contiguous datasets are gathered through a memory map, chunked ones through an h5py row selection;
     neither reads the whole feature matrix."""
-    import processing.slide_io as slide_io
+    import processing.feature_reader as feature_reader
 
     feats, coords = _slide(n=200)
     path = tmp_path / "s.h5"
@@ -127,7 +127,7 @@ def test_sampled_read_touches_only_chosen_rows(tmp_path, monkeypatch, chunked):
         f.create_dataset("features", data=feats, chunks=(16, 6) if chunked else None)
         f["coords"] = coords
     h5_keys, mapped_rows = [], []
-    original_get, original_map = h5py.Dataset.__getitem__, slide_io._memmap_rows
+    original_get, original_map = h5py.Dataset.__getitem__, feature_reader._memmap_rows
 
     def spy_get(self, key, *args, **kwargs):
         if self.name == "/features":
@@ -140,7 +140,7 @@ def test_sampled_read_touches_only_chosen_rows(tmp_path, monkeypatch, chunked):
         return out
 
     monkeypatch.setattr(h5py.Dataset, "__getitem__", spy_get)
-    monkeypatch.setattr(slide_io, "_memmap_rows", spy_map)
+    monkeypatch.setattr(feature_reader, "_memmap_rows", spy_map)
     slide = read_slide(path, max_tiles=16, tile_sampling="random", seed=0)
     assert slide.num_tiles == 16
     if chunked:
@@ -169,22 +169,22 @@ def test_nonfinite_features_raise_or_drop(tmp_path):
 @pytest.fixture
 def parallel_direct_read(monkeypatch):
     """Make the direct reader split even a small file into many pieces over two threads."""
-    import processing.slide_io as slide_io
+    import processing.feature_reader as feature_reader
 
-    monkeypatch.setattr(slide_io, "_READ_PIECE_BYTES", 7 * 4 * 16)  # 7 rows of 16 float32 per piece
-    monkeypatch.setattr(slide_io, "_PARALLEL_READ_MIN_BYTES", 0)
-    monkeypatch.setattr(slide_io.torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(slide_io.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(feature_reader, "_READ_PIECE_BYTES", 7 * 4 * 16)  # 7 rows of 16 float32 per piece
+    monkeypatch.setattr(feature_reader, "_PARALLEL_READ_MIN_BYTES", 0)
+    monkeypatch.setattr(feature_reader.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(feature_reader.os, "cpu_count", lambda: 2)
     pools = []
 
-    class CountingPool(slide_io.ThreadPoolExecutor):
+    class CountingPool(feature_reader.ThreadPoolExecutor):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             pools.append(self)
 
-    monkeypatch.setattr(slide_io, "ThreadPoolExecutor", CountingPool)
-    monkeypatch.setattr(slide_io, "pools_started", pools, raising=False)  # read by the tests below
-    return slide_io
+    monkeypatch.setattr(feature_reader, "ThreadPoolExecutor", CountingPool)
+    monkeypatch.setattr(feature_reader, "pools_started", pools, raising=False)  # read by the tests below
+    return feature_reader
 
 
 @pytest.mark.parametrize("storage", ["contiguous_f32", "contiguous_f16", "contiguous_userblock", "chunked", "gzip",

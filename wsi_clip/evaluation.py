@@ -1,9 +1,9 @@
 """Zero-shot classification and slide↔text retrieval for WSI-CLIP (training-side: used by the trainer and
-``scripts/evaluate_clip.py``).
+``wsi-evaluate-clip``).
 
 * Zero-shot (TITAN / CONCH style): every class has several names × prompt templates; each prompt is embedded and
   L2-normalised, a class embedding is their mean, renormalised. A slide's scores are cosines to the class embeddings.
-  Reported: balanced accuracy, weighted F1, macro one-vs-rest AUROC (plain numpy/torch, no scikit-learn needed).
+  Reported: balanced accuracy, weighted F1, macro one-vs-rest AUROC (``sklearn.metrics``).
 * Retrieval with several positives: a slide's positives are the texts of its case (and identical texts); identical
   texts are one candidate (de-duplicated by text id), so a 3-slide case's report is not counted three times.
   Recall@K = share of queries with at least one positive in the top K; mAP = mean average precision.
@@ -244,40 +244,31 @@ def contrastive_loss_full(slide_embeds: torch.Tensor, text_embeds: torch.Tensor,
 
 # --------------------------------------------------------------------------------------------- classification
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean recall over the classes present in ``y_true``."""
-    classes = np.unique(y_true)
-    return float(np.mean([(y_pred[y_true == c] == c).mean() for c in classes]))
+    """Mean recall over the classes present in ``y_true`` (scikit-learn's ``balanced_accuracy_score``; predicted
+    classes absent from ``y_true`` are not averaged over, and raise no warning)."""
+    from sklearn.metrics import recall_score
+
+    return float(recall_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0))
 
 
 def weighted_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """F1 per class present in ``y_true``, averaged with class frequencies as weights (scikit-learn 'weighted')."""
-    classes, support = np.unique(y_true, return_counts=True)
-    f1 = []
-    for c in classes:
-        tp = np.sum((y_pred == c) & (y_true == c))
-        predicted, actual = np.sum(y_pred == c), np.sum(y_true == c)
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual
-        f1.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
-    return float(np.average(f1, weights=support))
+    """F1 per class present in ``y_true``, averaged with class frequencies as weights (scikit-learn 'weighted');
+    a class never predicted has precision 0."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y_true, y_pred, labels=np.unique(y_true), average="weighted", zero_division=0))
 
 
 def binary_auroc(y: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC of binary labels ``y`` (1 = positive) via the rank statistic (ties count one half)."""
-    pos, neg = int(y.sum()), int((1 - y).sum())
-    if pos == 0 or neg == 0:
+    """ROC AUC of binary labels ``y`` (1 = positive); ties count one half. ``nan`` (instead of scikit-learn's
+    error) when only one class is present or a score is not finite."""
+    from sklearn.metrics import roc_auc_score
+
+    y, score = np.asarray(y), np.asarray(score, dtype=np.float64)
+    pos = int(y.sum())
+    if pos == 0 or pos == y.size or not np.isfinite(score).all():
         return float("nan")
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score), dtype=np.float64)
-    sorted_scores = score[order]
-    i = 0
-    while i < len(score):  # average ranks over ties
-        j = i
-        while j + 1 < len(score) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    return float(roc_auc_score(y, score))
 
 
 def macro_auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
@@ -313,7 +304,7 @@ def zero_shot_scores(slide_embeds: torch.Tensor, classifier: torch.Tensor) -> to
 
 
 def format_table(metrics: Mapping[str, float], title: str = "WSI-CLIP evaluation") -> str:
-    """Plain-text two-column table of metrics (what ``scripts/evaluate_clip.py`` prints)."""
+    """Plain-text two-column table of metrics (what ``wsi-evaluate-clip`` prints)."""
     width = max([len(k) for k in metrics] + [10])
     lines = [title, "-" * (width + 11)]
     for key, value in metrics.items():

@@ -2,7 +2,7 @@
 
 No real slide-level feature bags are reachable offline, so the demo writes its own H5 slides while the texts
 (captions, reports, multiple-choice questions) are real — a small attributed subset of SlideBench (SlideChat)
-and WSI-Bench (WSI-LLaVA) shipped in ``processing/demo_texts/`` (see its ``NOTICE.md``).
+and WSI-Bench (WSI-LLaVA) kept in ``scripts/demo_data/texts/`` (see its ``NOTICE.md``).
 
 What makes the synthetic slides worth training on:
 
@@ -44,10 +44,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .slide_io import SOURCE_LAYOUTS, spatial_order, write_slide
+from processing.coordinates import spatial_order
+from processing.slide_io import SOURCE_LAYOUTS, write_slide
 
 
-DEMO_TEXTS_DIR = Path(__file__).resolve().parent / "demo_texts"
+DEMO_TEXTS_DIR = Path(__file__).resolve().parent / "texts"
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 CSV_COLUMNS: tuple[str, ...] = ("h5_path", "caption", "question", "answer", "slide_id", "dataset", "case_id",
                                 "split", "label")
@@ -108,8 +109,8 @@ class DemoText:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: demo text file missing. Reinstall the package, or regenerate the folder "
-                                "with scripts/build_demo_texts.py.")
+        raise FileNotFoundError(f"{path}: demo text file missing. Restore it from the repository, or regenerate the "
+                                "folder with scripts/build_demo_texts.py.")
     with path.open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
@@ -144,7 +145,7 @@ def load_demo_texts(texts_dir: str | Path | None = None) -> dict[str, list[DemoT
 # --------------------------------------------------------------------------------------------- arguments
 @dataclass
 class DemoDataArguments:
-    """Options of ``wsi-make-demo-data`` / ``scripts/make_demo_data.py`` (same names as ``make_demo_dataset``)."""
+    """Options of ``scripts/make_demo_data.py`` (same names as ``make_demo_dataset``)."""
 
     output_dir: str = field(default="demo_data", metadata={"help": "Folder to write the demo data set into."})
     num_cases: int = field(default=64, metadata={"help": "Number of cases (patients), spread evenly over classes."})
@@ -480,7 +481,7 @@ def make_demo_dataset(output_dir: str | Path, *, num_cases: int = _DEFAULTS.num_
     paths["demo_info"] = str(output_dir / "demo_info.json")
     _write_json(output_dir / "demo_info.json", {
         "description": "Synthetic slide features paired with real SlideBench / WSI-Bench texts; see "
-                       "processing/demo_texts/NOTICE.md for the texts' origin, licence and citations.",
+                       "scripts/demo_data/texts/NOTICE.md for the texts' origin, licence and citations.",
         "parameters": parameters, "summary": summary, "slides": slide_info})
     return {**paths, **summary}
 
@@ -533,10 +534,8 @@ def _llava_records(cases: list[_Case]) -> dict[str, list[dict[str, Any]]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point (``wsi-make-demo-data``): parse :class:`DemoDataArguments` and write the data set.
-
-    Returns ``None`` because console-script wrappers pass the return value to ``sys.exit``.
-    """
+    """Command-line entry point (``scripts/make_demo_data.py``): parse :class:`DemoDataArguments` and write the
+    data set."""
     from transformers import HfArgumentParser  # heavy import, only for the CLI
 
     (args,) = HfArgumentParser(DemoDataArguments).parse_args_into_dataclasses(
