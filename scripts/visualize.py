@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Per-tile heatmaps of one slide as a PNG, optionally drawn over the slide's thumbnail.
 
-    python scripts/visualize.py --model runs/demo/clip --slide slide.h5 --mode attention --output attn.png
-    python scripts/visualize.py --model runs/demo/clip --slide slide.h5 --mode similarity \\
+    python scripts/visualize.py --model_name_or_path runs/demo/clip --slide slide.h5 --mode attention \\
+        --output attn.png
+    python scripts/visualize.py --model_name_or_path runs/demo/clip --slide slide.h5 --mode similarity \\
         --prompt "colon adenocarcinoma" --output sim.png
-    python scripts/visualize.py --model runs/demo/llava_stage3/merged --slide slide.h5 --mode selection \\
-        --token_selection prumerge --output kept.png
+    python scripts/visualize.py --model_name_or_path runs/demo/llava_stage3/merged --slide slide.h5 \\
+        --mode selection --token_selection prumerge --output kept.png
     ... --slide_image CMU-1-Small-Region.svs     # draw over an OpenSlide-readable slide (viz extra)
 
 Modes: ``attention`` (ABMIL attention of a WSI-CLIP ABMIL tower, or the slide encoder's CLS attention for WSI-CLIP
@@ -15,20 +16,21 @@ LongNet towers and bare slide encoders), ``similarity`` (tile ↔ text prompt in
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
+from wsi_clip.cli import parse_command_line, setup_logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
+logger = logging.getLogger(__name__)
 
 MODES = ("attention", "similarity", "selection")
 
 
 @dataclass
 class VisualizeArguments:
-    model: str = field(metadata={"help": "WSI-CLIP, slide encoder or WSI-LLaVA checkpoint (with its processor)"})
+    model_name_or_path: str = field(metadata={
+        "help": "WSI-CLIP, slide encoder or WSI-LLaVA checkpoint (with its processor)"})
     slide: str = field(metadata={"help": "the slide's H5 feature file"})
     output: str = field(metadata={"help": "PNG to write"})
     mode: str = field(default="attention", metadata={"help": f"one of {MODES}"})
@@ -41,7 +43,8 @@ class VisualizeArguments:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    (args,) = HfArgumentParser(VisualizeArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_command_line(VisualizeArguments, argv, "python scripts/visualize.py")
+    setup_logging()
     if args.mode not in MODES:
         raise SystemExit(f"--mode {args.mode!r}: choose one of {MODES}")
     if args.mode == "similarity" and not args.prompt:
@@ -56,11 +59,11 @@ def main(argv: list[str] | None = None) -> Path:
     from wsi_clip.heatmaps import render_tile_heatmap, tile_attention, tile_text_similarity
     from wsi_llava.heatmaps import selected_tiles
 
-    require_checkpoint_files(args.model)
-    config = AutoConfig.from_pretrained(args.model)
+    require_checkpoint_files(args.model_name_or_path)
+    config = AutoConfig.from_pretrained(args.model_name_or_path)
     loader = AutoModelForImageTextToText if config.model_type == "wsi_llava" else AutoModel
-    model = loader.from_pretrained(args.model).eval()
-    processor = WSIProcessor.from_pretrained(args.model)
+    model = loader.from_pretrained(args.model_name_or_path).eval()
+    processor = WSIProcessor.from_pretrained(args.model_name_or_path)
     batch = processor(slides=[args.slide], max_tiles=args.max_tiles, tile_sampling="uniform" if args.max_tiles else "all")
     feats, coords, mask = batch["tile_features"], batch["tile_coords"], batch["tile_mask"]
     tile_size = int(getattr(getattr(config, "slide_config", None) or getattr(config, "vision_config", None) or config,
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> Path:
         strategy = args.token_selection or model.config.token_selection
         out = render_tile_heatmap(coords[0], None, args.output, tile_size=tile_size, kept=kept,
                                   slide_path=args.slide_image, title=args.title or f"{name}: tiles kept by {strategy}")
-    print(f"heatmap written to {out}")
+    logger.info("heatmap written to %s", out)
     return out
 
 

@@ -46,14 +46,15 @@ COLUMNS = ("h5_path", "caption", "case_id", "slide_id", "label", "split")
 
 
 def load_script(name: str):
-    """A module object of ``scripts/<name>.py`` (scripts are not a package)."""
+    """A module object of the entry point ``scripts/<name>.py`` (scripts are not a package); its ``main`` is the
+    command's (``wsi_clip.commands`` / ``wsi_llava.commands``), so these tests go through the script."""
     import sys
 
     if f"_script_{name}" in sys.modules:
         return sys.modules[f"_script_{name}"]
     spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script executes
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -178,7 +179,7 @@ def test_placeholder_absent_from_the_prompt(tmp_path):
 @pytest.fixture(scope="module")
 def llava_data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("bad_inputs_llava")
-    from processing import make_demo_dataset
+    from demo_data import make_demo_dataset
 
     make_demo_dataset(root, num_cases=4, feature_dim=16, min_tiles=20, max_tiles=30, seed=0)
     return {"train": root / "llava_instruct_train.json"}
@@ -189,8 +190,9 @@ def llava_argv(data: dict, out: Path, *extra: str) -> list[str]:
              "intermediate_size": 32}
     lm = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
           "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512}
-    return ["--stage", "3", "--train_file", str(data["train"]), "--vision_tower_config", json.dumps(tower),
-            "--language_model_config", json.dumps(lm), "--tokenizer", "word", "--max_tiles", "8", "--max_steps", "1",
+    return ["--stage", "3", "--train_file", str(data["train"]), "--slide_config", json.dumps(tower),
+            "--language_model_config", json.dumps(lm), "--tokenizer_name_or_path", "word", "--max_tiles", "8",
+            "--max_steps", "1",
             "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true", "--output_dir", str(out), *extra]
 
 
@@ -209,7 +211,7 @@ def test_train_llava_preflight_prompt_truncation(llava_data, tmp_path):
     (r".*(q_proj|fc1)", r"also matches modules outside the language model \(slide tower / projector\).*vision_tower"),
 ])
 def test_train_llava_lora_targets(llava_data, tmp_path, pattern, expected):
-    from wsi_llava.training import LoraTargetError
+    from wsi_llava.assembly import LoraTargetError
 
     with pytest.raises(LoraTargetError, match=r"lora_target_modules regex .*" + expected):
         load_script("train_llava").main(llava_argv(llava_data, tmp_path / "out", "--lora_target_modules", pattern))
@@ -232,7 +234,8 @@ def test_checkpoint_folders_missing_files(llava_data, tmp_path):
     tower = _tiny_tower_folder(tmp_path / "tower")
     (tower / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=rf"{tower}: no \*.safetensors weights .*Re-save it"):
-        load_script("train_llava").main(llava_argv(llava_data, tmp_path / "out", "--vision_tower", str(tower)))
+        load_script("train_llava").main(llava_argv(llava_data, tmp_path / "out", "--slide_encoder_name_or_path",
+                                                   str(tower)))
 
     # a resume checkpoint whose save was cut short: refused by path, skipped by "auto"
     out = tmp_path / "run"
@@ -280,8 +283,10 @@ def test_scripts_pass_h5_root(clip_data, tmp_path):
 
     bench = tmp_path / "bench.csv"
     bench.write_text("Slide,Question,A,B,Answer\n../outside,what grade ?,low,high,B\n")
-    evaluate_llava = load_script("evaluate_llava")
-    args = evaluate_llava.EvalArguments(model="unused", annotations=str(bench), h5_root=str(root))
+    from wsi_llava.arguments import EvaluationArguments
+    from wsi_llava.commands import evaluate as evaluate_llava
+
+    args = EvaluationArguments(model_name_or_path="unused", test_file=str(bench), h5_root=str(root))
     with pytest.raises(AnnotationError, match="outside h5_root"):
         evaluate_llava.load_items(args, str(bench))
     (root / "inside.h5").write_bytes((tmp_path / "outside.h5").read_bytes())

@@ -19,8 +19,9 @@ import bench_llava  # noqa: E402
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """A finished-demo layout: data/ (tiny demo data set + llava_stage3_train.json) and a saved tiny model."""
-    from processing import WSIProcessor, make_demo_dataset
-    from wsi_llava.training import build_word_tokenizer
+    from demo_data import make_demo_dataset
+    from processing import WSIProcessor
+    from wsi_llava.word_tokenizer import build_word_tokenizer
     from wsillava_utils import TILE_DIM, tiny_model
 
     root = tmp_path_factory.mktemp("demo")

@@ -1,7 +1,7 @@
 """Every file under scripts/configs/ parses against the installed transformers / accelerate, the way it is used.
 
-* training configs (``clip_*`` / ``demo_clip*`` → scripts/train_clip.py, ``llava_*stage{2,3}*`` /
-  ``demo_llava*stage{2,3}*`` → scripts/train_llava.py ``--stage N``) go through the script's own parser (its
+* training configs (``clip_*`` / ``demo_clip*`` → wsi-train-clip, ``llava_*stage{2,3}*`` /
+  ``demo_llava*stage{2,3}*`` → wsi-train-llava ``--stage N``) go through the command's own parser (its
   dataclasses + ``transformers.TrainingArguments``), so a key a new transformers dropped (``warmup_ratio`` in 5.x)
   fails here and not on the GPU machine;
 * accelerate configs (``accelerate/*.yaml``) through accelerate's ``load_config_from_file`` (``ClusterConfig``) and
@@ -17,10 +17,8 @@ DeepSpeed config logic runs on accelerate's ``HfDeepSpeedConfig`` base, see ``_t
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -76,18 +74,6 @@ def test_every_config_file_is_covered():
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def load_script(name: str):
-    """``scripts/<name>.py`` as a module (scripts are not a package)."""
-    module_name = f"_config_test_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses look their module up while the script executes
-    spec.loader.exec_module(module)
-    return module
-
-
 def _trainer_ds_config_class():
     """transformers' ``HfTrainerDeepSpeedConfig`` (the Trainer's "auto" filling and mismatch checks). Without the
     ``deepspeed`` package its base class is a stub, so its methods are put, unchanged, on accelerate's
@@ -129,8 +115,12 @@ def recipe_env(monkeypatch):
 def parse_training_config(path: Path):
     kind, stage = classify(path)
     if kind == "train_clip":
-        return load_script("train_clip").parse_arguments([str(path)])
-    return load_script("train_llava").parse(["--stage", str(stage), str(path)])
+        from wsi_clip.commands.train import parse_arguments
+
+        return parse_arguments([str(path)])
+    from wsi_llava.commands.train import parse_arguments
+
+    return parse_arguments(["--stage", str(stage), str(path)])
 
 
 def _model_stub():
@@ -180,14 +170,14 @@ def test_training_config_parses_with_the_scripts_parser(path, recipe_env):
     assert args.warmup_steps >= 0 and args.get_warmup_steps(NUM_TRAINING_STEPS) >= 0
     if kind == "train_llava":
         from wsi_llava import get_token_selector
-        from wsi_llava.training import _dtype
+        from wsi_llava.assembly import parse_dtype
 
         assert args.stage == stage
-        _dtype(model_args.dtype)  # a torch dtype name
+        parse_dtype(model_args.dtype)  # a torch dtype name
         if model_args.token_selection:
             get_token_selector(model_args.token_selection)
         if stage == 3:
-            from wsi_llava.training import check_lora_targets
+            from wsi_llava.assembly import check_lora_targets
             from wsillava_utils import tiny_model, tiny_processor
 
             assert check_lora_targets(tiny_model(tiny_processor()), args.lora_target_modules)

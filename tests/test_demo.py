@@ -60,9 +60,9 @@ def test_visualize_script_draws_every_mode_from_demo_checkpoints(demo_run, tmp_p
     for mode, model, extra in (("attention", out / "clip", []),
                                ("similarity", out / "clip", ["--prompt", "lung adenocarcinoma"]),
                                ("selection", out / "llava_stage3" / "merged", ["--token_selection", "prumerge"])):
-        png = visualize.main(["--model", str(model), "--slide", str(slide), "--mode", mode,
+        png = visualize.main(["--model_name_or_path", str(model), "--slide", str(slide), "--mode", mode,
                               "--output", str(tmp_path / f"{mode}.png"), *extra])
         assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
     with pytest.raises(SystemExit, match="needs --prompt"):
-        visualize.main(["--model", str(out / "clip"), "--slide", str(slide), "--mode", "similarity",
+        visualize.main(["--model_name_or_path", str(out / "clip"), "--slide", str(slide), "--mode", "similarity",
                         "--output", str(tmp_path / "x.png")])

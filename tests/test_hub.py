@@ -31,8 +31,9 @@ def checkpoint(tmp_path_factory):
 
 def test_dry_run_stages_validates_and_uploads_nothing(checkpoint, tmp_path):
     staged = tmp_path / "staged"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "push_to_hub.py"), "--model", str(checkpoint),
-                           "--repo-id", "someone/wsi-encoder", "--dry-run", "--output_dir", str(staged)],
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "push_to_hub.py"), "--model_name_or_path",
+                           str(checkpoint), "--repo_id", "someone/wsi-encoder", "--dry_run", "--output_dir",
+                           str(staged)],
                           capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dry run: nothing uploaded" in proc.stdout

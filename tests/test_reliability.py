@@ -103,8 +103,8 @@ def test_clip_killed_while_saving_resumes_to_the_uninterrupted_weights(clip_setu
     # the same run, evaluated by 2 processes on an odd number of slides, gives the 1-process metrics exactly
     evaluate = SCRIPTS / "evaluate_clip.py"
     data = clip_setup["root"] / "test.csv"
-    common = ["--model", reference, "--data", data, "--classes", clip_setup["info"]["class_prompts"],
-              "--batch_size", 2]
+    common = ["--model_name_or_path", reference, "--test_file", data, "--class_prompts",
+              clip_setup["info"]["class_prompts"], "--batch_size", 2]
     run([sys.executable, evaluate, *common, "--output", tmp_path / "one.json"], cwd=tmp_path)
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port(), evaluate,
          *common, "--output", tmp_path / "two.json"], cwd=tmp_path)
@@ -121,17 +121,17 @@ def test_clip_killed_while_saving_resumes_to_the_uninterrupted_weights(clip_setu
 def llava_config(tmp_path_factory) -> Path:
     """Stage 3 from a fresh tiny tower + tiny Llama + word tokenizer, random tile sampling, constant LR."""
     root = tmp_path_factory.mktemp("llava_reliability")
-    from processing import make_demo_dataset
+    from demo_data import make_demo_dataset
 
     make_demo_dataset(root / "data", num_cases=6, feature_dim=16, min_tiles=20, max_tiles=40, seed=0)
     config = {
         "train_file": str(root / "data" / "llava_instruct_train.json"),
-        "vision_tower_config": {"input_dim": 16, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+        "slide_config": {"input_dim": 16, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
                                 "intermediate_size": 64, "dropout": 0.0, "drop_path_rate": 0.0},
         "language_model_config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
                                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                                   "max_position_embeddings": 1024},
-        "tokenizer": "word", "stage": 3, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "max_tiles": 8,
+        "tokenizer_name_or_path": "word", "stage": 3, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "max_tiles": 8,
         "tile_sampling": "random", "max_length": 256, "max_steps": 6, "per_device_train_batch_size": 2,
         "learning_rate": 1e-2, "projector_lr": 1e-3, "lr_scheduler_type": "constant", "save_strategy": "steps",
         "save_steps": 2, "logging_steps": 1, "report_to": "none", "use_cpu": True, "seed": 0,

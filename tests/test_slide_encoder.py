@@ -141,7 +141,7 @@ def test_convert_script_cli(tmp_path):
     fx = _fixture(PREFIXES[1])
     out_dir = tmp_path / "hf"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_gigapath.py"), "--checkpoint",
-                             str(fx["state_dict"]), "--output", str(out_dir), "--max-wsi-size", "16384",
+                             str(fx["state_dict"]), "--output_dir", str(out_dir), "--max_wsi_size", "16384",
                              "--pooling", "mean"], capture_output=True, text=True, timeout=120,
                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-3000:]

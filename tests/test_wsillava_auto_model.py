@@ -60,7 +60,8 @@ def _write_reference(model, processor, folder) -> dict[str, torch.Tensor]:
 
 def test_auto_model_with_remote_code_from_stage2_and_merged_stage3_checkpoints(tmp_path):
     from wsi_llava import WSILlavaForConditionalGeneration
-    from wsi_llava.training import DEFAULT_LORA_TARGETS, merge_adapter, prepare_stage
+    from wsi_llava.arguments import DEFAULT_LORA_TARGETS
+    from wsi_llava.assembly import merge_adapter, prepare_stage
 
     processor = tiny_processor()
     model = tiny_model(processor)

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from wsi_llava import generate_answers
+from wsi_llava.arguments import LlavaTrainingArguments
+from wsi_llava.assembly import prepare_stage
 from wsi_llava.evaluation import closed_metrics
-from wsi_llava.training import LlavaTrainingArguments, prepare_stage
 
 CLASSES = ("BRCA", "LUAD", "COAD", "LGG")
 
@@ -38,9 +39,10 @@ def _items(dataset, seed, shuffle=False):
 
 @pytest.mark.slow
 def test_learns_closed_question_above_blind_baseline(tmp_path):
-    from processing import WSIProcessor, load_annotations, make_demo_dataset
+    from demo_data import make_demo_dataset
+    from processing import WSIProcessor, load_annotations
     from wsi_llava import WSILlavaForConditionalGeneration
-    from wsi_llava.training import build_word_tokenizer
+    from wsi_llava.word_tokenizer import build_word_tokenizer
     from wsillava_utils import tiny_config
 
     make_demo_dataset(tmp_path, num_cases=32, feature_dim=16, min_tiles=24, max_tiles=48, seed=1,

@@ -105,7 +105,8 @@ def test_bf16_forward_backward_and_small_projector_step(processor, tmp_path):
 def test_stage3_lora_copy_of_the_projector_stays_fp32(processor):
     from types import SimpleNamespace
 
-    from wsi_llava.training import DEFAULT_LORA_TARGETS, prepare_stage
+    from wsi_llava.arguments import DEFAULT_LORA_TARGETS
+    from wsi_llava.assembly import prepare_stage
 
     model = _bf16_from_parts(processor)
     peft_model = prepare_stage(model, SimpleNamespace(stage=3, lora_r=4, lora_alpha=8, lora_dropout=0.0,

@@ -10,8 +10,9 @@ import torch
 
 from processing import InstructionCollator, write_slide
 from wsi_llava import generate_answers
-from wsi_llava.training import (DataArguments, LlavaTrainingArguments, ModelArguments, WSILlavaTrainer,
-                                build_model_and_processor, calibrate_gamma, prepare_stage, projector_gamma)
+from wsi_llava.arguments import DataArguments, LlavaTrainingArguments, ModelArguments
+from wsi_llava.assembly import build_model_and_processor, calibrate_gamma, prepare_stage
+from wsi_llava.trainer import WSILlavaTrainer, projector_gamma
 
 TILE_DIM = 16
 TOWER = dict(input_dim=TILE_DIM, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -40,7 +41,7 @@ def slide_rows(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(smollm2_dir):
     torch.manual_seed(0)
-    model_args = ModelArguments(vision_tower_config=TOWER, language_model=str(smollm2_dir),
+    model_args = ModelArguments(slide_config=TOWER, language_model=str(smollm2_dir),
                                 token_selection="prumerge_plus", token_selection_kwargs={"max_tokens": 8})
     model, processor, fresh = build_model_and_processor(model_args, DataArguments(max_tiles=64, max_length=96))
     assert fresh

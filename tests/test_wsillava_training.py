@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from wsi_llava import WSILlavaForConditionalGeneration, build_generation_inputs
+from wsi_llava.arguments import DEFAULT_LORA_TARGETS, LlavaTrainingArguments
+from wsi_llava.assembly import check_lora_targets, prepare_stage
 from wsi_llava.evaluation import closed_metrics, evaluation_items, open_metrics, parse_letter, question_kind
-from wsi_llava.training import (DEFAULT_LORA_TARGETS, LlavaTrainingArguments, WSILlavaTrainer, check_lora_targets,
-                                prepare_stage, projector_gamma)
+from wsi_llava.trainer import WSILlavaTrainer, projector_gamma
 from wsillava_utils import random_slides, tiny_model, tiny_processor
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from processing import load_annotations, make_demo_dataset
+    from demo_data import make_demo_dataset
+    from processing import load_annotations
 
     root = tmp_path_factory.mktemp("llava_demo")
     make_demo_dataset(root, num_cases=8, feature_dim=16, min_tiles=20, max_tiles=40, seed=0)
@@ -44,7 +43,7 @@ def _snapshot(module):
 
 def _tokenizer_for(dataset):
     texts = [t["content"] for row in dataset for t in row["conversations"]]
-    from wsi_llava.training import build_word_tokenizer
+    from wsi_llava.word_tokenizer import build_word_tokenizer
 
     return build_word_tokenizer(texts, extra_tokens=["<slide>"])
 
@@ -124,20 +123,41 @@ def test_lora_targets_limited_to_language_model():
         check_lora_targets(model, r"model\.language_model\..*\.c_attn")
 
 
-def test_train_script_parses_yaml_and_cli_overrides(tmp_path):
-    import importlib.util
+# two recipes in the shape of the repository's configs: stage 3 from a stage-2 checkpoint, stage 2 from random parts
+STAGE3_RECIPE = """
+model_name_or_path: demo_output/llava_stage2
+train_file: demo_output/data/llava_instruct_train.json
+output_dir: demo_output/llava_stage3
+max_tiles: 512
+max_length: 256
+lora_r: 8
+learning_rate: 1.0e-3        # LoRA
+projector_lr: 2.0e-4          # projector (modules_to_save)
+use_cpu: true
+"""
+STAGE2_RECIPE = """
+train_file: demo_output/data/llava_caption_train.json
+slide_config: {input_dim: 64, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, intermediate_size: 128}
+language_model_config: {model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
+                        num_attention_heads: 4, num_key_value_heads: 2}
+tokenizer_name_or_path: word
+use_cpu: true
+"""
 
-    spec = importlib.util.spec_from_file_location("train_llava", REPO / "scripts" / "train_llava.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    model_args, data_args, args = script.parse(["--stage", "3", str(REPO / "scripts/configs/llava_stage3_demo.yaml"),
-                                                "--learning_rate", "0.5", "--output_dir", str(tmp_path)])
+
+def test_train_script_parses_yaml_and_cli_overrides(tmp_path):
+    from wsi_llava.commands import train as script
+
+    (tmp_path / "stage3.yaml").write_text(STAGE3_RECIPE)
+    (tmp_path / "stage2.yaml").write_text(STAGE2_RECIPE)
+    model_args, data_args, args = script.parse_arguments(["--stage", "3", str(tmp_path / "stage3.yaml"),
+                                                          "--learning_rate", "0.5", "--output_dir", str(tmp_path)])
     assert args.stage == 3 and args.learning_rate == 0.5 and args.projector_lr == pytest.approx(2e-4)
     assert args.output_dir == str(tmp_path) and args.remove_unused_columns is False
     assert model_args.model_name_or_path == "demo_output/llava_stage2" and data_args.max_tiles == 512
-    _, _, args2 = script.parse(["--stage", "2", str(REPO / "scripts/configs/llava_stage2_demo.yaml")])
-    model_args2, _, _ = script.parse(["--stage", "2", str(REPO / "scripts/configs/llava_stage2_demo.yaml")])
-    assert args2.stage == 2 and json.loads(model_args2.vision_tower_config)["input_dim"] == 64
+    _, _, args2 = script.parse_arguments(["--stage", "2", str(tmp_path / "stage2.yaml")])
+    model_args2, _, _ = script.parse_arguments(["--stage", "2", str(tmp_path / "stage2.yaml")])
+    assert args2.stage == 2 and json.loads(model_args2.slide_config)["input_dim"] == 64
 
 
 def test_closed_and_open_metrics(data):
@@ -163,7 +183,7 @@ def test_closed_and_open_metrics(data):
 
 
 def test_per_sample_loss_weighs_every_example_once():
-    from wsi_llava.training import per_sample_loss
+    from wsi_llava.trainer import per_sample_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)

@@ -58,7 +58,7 @@ def caption_tokenizer(captions: Sequence[str]):
 
 def make_tiny_demo(root: Path, num_cases: int = 12, **kwargs) -> dict:
     """A small demo data set (16-d features, 20–40 tiles per slide)."""
-    from processing import make_demo_dataset
+    from demo_data import make_demo_dataset
 
     options = dict(num_cases=num_cases, feature_dim=FEATURE_DIM, min_tiles=20, max_tiles=40, seed=0)
     options.update(kwargs)

@@ -3,7 +3,7 @@
 Training-side module (not Hub-shipped). The command-line front end is ``wsi-convert-gigapath``
 (``scripts/convert_gigapath.py`` in a checkout)::
 
-    wsi-convert-gigapath --checkpoint slide_encoder.pth --output gigapath-slide-encoder
+    wsi-convert-gigapath --checkpoint slide_encoder.pth --output_dir gigapath-slide-encoder
 
 Input: the ``"model"`` dict of the original ``slide_encoder.pth`` (loaded with ``weights_only=True``) or a
 safetensors file / plain ``state_dict`` with the original key names. Depth, width, FFN width and input dim are

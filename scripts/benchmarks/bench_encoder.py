@@ -200,8 +200,7 @@ def _spawn(args: Args, spec: str) -> dict:
             argv += ["--sizes", *map(str, value)]
         elif value != "":
             argv += [f"--{key}", str(value)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout, env=env)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         return {"child": spec, "error": (proc.stderr or proc.stdout)[-2000:]}
@@ -273,7 +272,6 @@ def run(args: Args) -> None:
 
 
 if __name__ == "__main__":  # direct use: python scripts/benchmarks/bench_encoder.py [...]
-    sys.path.insert(0, str(REPO))
     from transformers import HfArgumentParser
 
     run(HfArgumentParser(Args).parse_args_into_dataclasses()[0])

@@ -3,7 +3,7 @@
 Targets (issue "Foundation"): full ``read_slide`` ≥ 0.8× raw h5py throughput; a 4,096-row sampled read of a
 50k-tile slide ≤ 0.2× the full read time. Every timing is the best of ``repeats`` warm runs (page cache hot),
 so the ratios measure the code, not the disk. The raw h5py read runs on one thread; ``read_slide`` uses up to
-``torch.get_num_threads()`` threads for full reads of contiguous files (see ``processing.slide_io``).
+``torch.get_num_threads()`` threads for full reads of contiguous files (see ``processing.feature_reader``).
 """
 
 from __future__ import annotations

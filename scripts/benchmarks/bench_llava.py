@@ -33,7 +33,7 @@ the first ``--large_accuracy_items`` items — **not a held-out measurement** (t
 and the enlargement is stitched from several held-out slides of the answer's class, chosen with the gold answer).
 
 Finally the **training step** of WSI-LLaVA vs a text-only step of the same LM: the demo's stage-3 recipe (LoRA r 16 on
-the LM + the projector trainable, via ``wsi_llava.training.prepare_stage``, AdamW), one forward + backward + optimizer
+the LM + the projector trainable, via ``wsi_llava.assembly.prepare_stage``, AdamW), one forward + backward + optimizer
 step on the same batch of ``--train_batch`` rows of ``--train_file`` (evenly spaced over the file), with the slide
 (``InstructionCollator``, ``--train_max_tiles`` 256 tiles, the model's selector) and without it (the same prompts
 minus the placeholder: ``text_only=True``); best of ``--train_repeats`` after a warm-up step; collate (H5 read) time
@@ -606,7 +606,8 @@ def _train_steps(args: Args, device: str, data: Path, report: dict[str, Any]) ->
 
     from processing import InstructionCollator, WSIProcessor, load_annotations
     from wsi_llava import WSILlavaForConditionalGeneration
-    from wsi_llava.training import LlavaTrainingArguments, count_parameters, prepare_stage
+    from wsi_llava.arguments import LlavaTrainingArguments
+    from wsi_llava.assembly import count_parameters, prepare_stage
 
     rows_all = load_annotations(data / args.train_file, "llava")
     count = min(args.train_batch, len(rows_all))

@@ -1,0 +1,144 @@
+"""``wsi-evaluate-clip``: a WSI-CLIP checkpoint on held-out slides — zero-shot classification and slide↔text
+retrieval.
+
+    wsi-evaluate-clip --model_name_or_path runs/demo/clip --test_file runs/demo/data/annotations.csv \\
+        --test_split test --class_prompts runs/demo/data/class_prompts.json
+
+* zero-shot (with ``--class_prompts`` and a ``label`` column): class names × prompt templates, embeddings averaged per
+  class (TITAN / CONCH style); balanced accuracy, weighted F1, macro one-vs-rest AUROC (and plain accuracy);
+* retrieval: slide→text and text→slide Recall@1/5/10 and mAP; the slides of one case share their report, so every
+  one of them is a correct answer, and identical texts are ranked once.
+
+Prints a table and writes the metrics as JSON (``--output``; default
+``<model_name_or_path>/eval_<test_file stem>[_<test_split>].json``).
+
+Several processes split the slides between them (each rank embeds every world-size-th row, no padding) and give
+exactly the single-process metrics::
+
+    torchrun --nproc_per_node 8 -m wsi_clip.commands.evaluate --model_name_or_path ... --test_file ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..arguments import EvaluationArguments
+from ..cli import exit_status, parse_command_line, setup_logging
+
+logger = logging.getLogger(__name__)
+
+COMMAND = "wsi-evaluate-clip"
+
+
+def load_model_and_processor(path: str, device: str):
+    """The checkpoint's model (``AutoModel`` after ``import wsi_clip``) and its processor (or tokenizer)."""
+    import wsi_clip  # noqa: F401  (registers WSI-CLIP with the Auto classes)
+    from transformers import AutoModel, AutoProcessor, AutoTokenizer
+
+    from processing import WSIProcessor
+
+    model = AutoModel.from_pretrained(path).to(device).eval()
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError):  # a checkpoint saved without its processor: build one from the tokenizer
+        processor = WSIProcessor(AutoTokenizer.from_pretrained(path), tile_sampling="uniform")
+    if not hasattr(processor, "pad_slides"):
+        processor = WSIProcessor(getattr(processor, "tokenizer", processor), tile_sampling="uniform")
+    return model, processor
+
+
+def init_distributed(device: str | None) -> tuple[str, bool]:
+    """Join the process group when launched by torchrun / accelerate (``WORLD_SIZE`` > 1); returns the device of
+    this rank and whether it is the main process."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device or ("cuda" if torch.cuda.is_available() else "cpu"), True
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return (f"cuda:{local_rank}" if use_cuda else "cpu"), dist.get_rank() == 0
+
+
+def evaluate(args: EvaluationArguments) -> dict[str, float]:
+    """The metrics of ``args.model_name_or_path`` on ``args.test_file``; the main process prints the table and
+    writes the JSON."""
+    from processing import load_annotations
+    from wsi_clip.data import WSIClipCollator
+    from wsi_clip.evaluation import (build_zero_shot_classifier, classification_metrics, contrastive_loss_full,
+                                     encode_dataset, format_table, load_class_prompts, retrieval_metrics,
+                                     zero_shot_scores)
+    from wsi_clip.hub import require_checkpoint_files
+
+    device, is_main = init_distributed(args.device)
+    require_checkpoint_files(args.model_name_or_path)
+    model, processor = load_model_and_processor(args.model_name_or_path, device)
+    dataset = load_annotations(args.test_file, "clip", h5_root=args.h5_root, split=args.test_split)
+    prompts = load_class_prompts(args.class_prompts) if args.class_prompts else None
+    max_tiles = processor.max_tiles if args.max_tiles is None else (args.max_tiles or None)
+    collator = WSIClipCollator(processor, max_tiles=max_tiles, tile_sampling="uniform",
+                               text_max_length=args.max_length, class_names=prompts.labels if prompts else None,
+                               label_column=args.label_column)
+    encoded = encode_dataset(model, dataset, collator, batch_size=args.batch_size)
+
+    metrics: dict[str, float] = {"num_slides": float(len(dataset)), "num_cases": float(len(set(dataset["case_id"])))}
+    metrics.update(retrieval_metrics(encoded["slide_embeds"], encoded["text_embeds"], encoded["case_ids"],
+                                     encoded["text_ids"]))
+    metrics["contrastive_loss"] = contrastive_loss_full(encoded["slide_embeds"], encoded["text_embeds"],
+                                                        encoded["logit_scale"], encoded["case_ids"],
+                                                        encoded["text_ids"])
+    if prompts is not None:
+        if args.label_column not in dataset.column_names:
+            raise ValueError(f"{args.test_file}: no '{args.label_column}' column, so zero-shot accuracy cannot be "
+                             "measured; add the column or pass --label_column.")
+        classifier = build_zero_shot_classifier(model, processor, prompts, max_length=args.max_length)
+        scores = zero_shot_scores(encoded["slide_embeds"].to(classifier.device), classifier)
+        metrics.update(classification_metrics(encoded["class_labels"], scores))
+        unknown = int((encoded["class_labels"] < 0).sum())
+        if unknown:
+            metrics["zero_shot_unlabelled_slides"] = float(unknown)
+
+    if not is_main:
+        return metrics
+    title = f"WSI-CLIP {args.model_name_or_path} on {args.test_file}" + (f" [{args.test_split}]"
+                                                                         if args.test_split else "")
+    print(format_table(metrics, title))
+    stem = Path(args.test_file).stem + (f"_{args.test_split}" if args.test_split else "")
+    output = Path(args.output) if args.output else Path(args.model_name_or_path) / f"eval_{stem}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # the file's keys are the ones it had before the flags were renamed (its readers stay valid)
+    output.write_text(json.dumps({"model": args.model_name_or_path, "data": args.test_file, "split": args.test_split,
+                                  "classes": args.class_prompts, "metrics": metrics}, indent=1) + "\n",
+                      encoding="utf-8")
+    logger.info("metrics written to %s", output)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    (args,) = parse_command_line(EvaluationArguments, argv, COMMAND)
+    setup_logging()
+    try:
+        return evaluate(args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def cli() -> int:
+    """The ``wsi-evaluate-clip`` console script."""
+    return exit_status(main())
+
+
+if __name__ == "__main__":
+    main()
