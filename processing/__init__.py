@@ -12,6 +12,7 @@ from typing import Any
 
 from .coordinates import infer_tile_stride, spatial_order
 from .errors import AnnotationError, PromptError, SlideFormatError, WSIDataError
+from .processing_wsi import WSIProcessor
 from .slide_io import SOURCE_LAYOUTS, SlideFeatures, read_slide, slide_num_tiles, write_slide
 from .tile_sampling import TILE_SAMPLING_STRATEGIES, sample_tile_indices
 
@@ -42,13 +43,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "SlideFeatures", "read_slide", "write_slide", "slide_num_tiles", "sample_tile_indices", "spatial_order",
     "infer_tile_stride", "SOURCE_LAYOUTS", "TILE_SAMPLING_STRATEGIES", "WSIDataError", "SlideFormatError",
-    "AnnotationError", "PromptError", *_LAZY,
+    "AnnotationError", "PromptError", "WSIProcessor", *_LAZY,
 ]
-
-
-from .processing_wsi import WSIProcessor  # noqa: E402  (after the lazy table: it imports transformers)
-
-__all__ += ["WSIProcessor"]
 
 
 def _register_processor() -> None:

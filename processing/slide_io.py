@@ -1,6 +1,6 @@
 """Slide feature files (H5): the three on-disk layouts, reading a slide validated into canonical form, writing one.
 
-Three on-disk layouts are understood (see ``README.md`` → *Data contract*):
+Three on-disk layouts are understood:
 
 * ``"seed"``    — ``features [N, D]`` + ``coords_yx [N, 2]`` stored as (y, x);
 * ``"clam"``    — ``features [N, D]`` + ``coords [N, 2]`` stored as (x, y); CLAM's coordinate attributes

@@ -9,14 +9,7 @@ Runnable from a checkout (the generator is not part of the installed packages)::
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS.parent))  # the repository root, for processing in a checkout
-sys.path.insert(0, str(SCRIPTS))  # scripts/demo_data, ahead of any demo_data/ output folder in the working directory
-
-from demo_data import main  # noqa: E402
+from demo_data import main  # scripts/demo_data: Python puts this script's folder first on sys.path
 
 if __name__ == "__main__":
     main()

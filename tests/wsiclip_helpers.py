@@ -1,4 +1,4 @@
-"""Tiny WSI-CLIP building blocks shared by the tests/test_wsiclip_*.py modules (not a test module)."""
+"""Tiny WSI-CLIP building blocks shared by the tests/wsi_clip/test_wsiclip_*.py modules (not a test module)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tiny WSI-LLaVA builders shared by the tests/test_wsillava*.py files (CPU, seconds)."""
+"""Tiny WSI-LLaVA builders shared by the tests/wsi_llava/test_wsillava*.py files (CPU, seconds)."""
 
 from __future__ import annotations
 

@@ -104,8 +104,7 @@ def gguf_to_folder(gguf_file: str | os.PathLike, output_dir: str | os.PathLike |
                                        "(and accelerate).") from err
     torch_dtype = getattr(torch, dtype)
     folder, name = str(source.parent), source.name
-    print(f"[wsi-mm] dequantising GGUF {source} into a safetensors folder (once; later runs reuse it): {target}",
-          flush=True)
+    logger.info("dequantising GGUF %s into a safetensors folder (once; later runs reuse it): %s", source, target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
     # The GGUF-loaded model refuses save_pretrained: rebuild the same architecture without quantization_config.
@@ -133,8 +132,8 @@ def gguf_to_folder(gguf_file: str | os.PathLike, output_dir: str | os.PathLike |
         shutil.rmtree(staging, ignore_errors=True)
         raise
     size = sum(f.stat().st_size for f in target.iterdir()) / 2**20
-    print(f"[wsi-mm] converted {name}: {model_type}, {parameters / 1e6:.1f}M parameters, {dtype}, {size:.0f} MiB "
-          f"in {target}", flush=True)
+    logger.info("converted %s: %s, %.1fM parameters, %s, %.0f MiB in %s", name, model_type, parameters / 1e6, dtype,
+                size, target)
     return target
 
 

@@ -16,7 +16,7 @@ import wsi_llava
 from wsi_llava import WSILlavaForConditionalGeneration, WSILlavaModel, build_generation_inputs
 from wsillava_utils import random_slides, tiny_model, tiny_processor
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ def test_two_processes_split_the_files_and_share_one_report(tmp_path):
     good = [str(write_slide(tmp_path / f"good{i}.h5", np.ones((4 + i, 3)), grid_coords(4 + i))) for i in range(4)]
     bad = str(write_slide(tmp_path / "dim.h5", np.ones((4, 5)), grid_coords(4)))
     paths = [good[0], bad, good[1], good[0], good[2], good[3], str(tmp_path / "missing.h5")]
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
 
     def torchrun(out_dir: Path, **env: str) -> subprocess.CompletedProcess:
         out_dir.mkdir()

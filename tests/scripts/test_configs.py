@@ -67,7 +67,7 @@ def _of_kind(kind: str) -> list[Path]:
 def test_every_config_file_is_covered():
     assert CONFIG_FILES, CONFIG_DIR
     uncovered = [_rel(p) for p in CONFIG_FILES if classify(p) is None]
-    assert not uncovered, (f"no rule in tests/test_configs.py:classify says which tool reads {uncovered}: add one, "
+    assert not uncovered, (f"no rule in tests/scripts/test_configs.py:classify says which tool reads {uncovered}: add one, "
                            "so the config is parsed here.")
     for kind in ("train_clip", "train_llava", "accelerate", "deepspeed"):
         assert _of_kind(kind), kind

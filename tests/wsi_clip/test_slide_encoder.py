@@ -21,7 +21,7 @@ from wsi_clip.convert_gigapath import (GigaPathConversionError, convert_gigapath
                                        original_key_map)
 from wsi_clip.modeling_slide_encoder import sincos_2d_position_embedding
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "gigapath"
 PREFIXES = ["gigapath_3l384d_n1024", "gigapath_3l384d_n3000_wsi16384"]
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import free_port
 from wsi_clip.losses import multi_positive_contrastive_loss, positive_mask
 
-DIST = Path(__file__).resolve().parent / "dist"
+DIST = Path(__file__).resolve().parents[1] / "dist"
 
 
 def _embeds(b=6, e=5, seed=0):
@@ -83,7 +83,7 @@ def test_two_processes_equal_one_process_batch_of_eight(tmp_path):
     ref = multi_positive_contrastive_loss(xs @ proj_s, xt @ proj_t, scale.exp(), cases, texts)
     ref.loss.backward()
     out_file = tmp_path / "dist.pt"
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(DIST / "loss_worker.py"), str(out_file), str(repo)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
