@@ -41,9 +41,21 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "SlideFeatures", "read_slide", "write_slide", "slide_num_tiles", "sample_tile_indices", "spatial_order",
-    "infer_tile_stride", "SOURCE_LAYOUTS", "TILE_SAMPLING_STRATEGIES", "WSIDataError", "SlideFormatError",
-    "AnnotationError", "PromptError", "WSIProcessor", *_LAZY,
+    "SlideFeatures",
+    "read_slide",
+    "write_slide",
+    "slide_num_tiles",
+    "sample_tile_indices",
+    "spatial_order",
+    "infer_tile_stride",
+    "SOURCE_LAYOUTS",
+    "TILE_SAMPLING_STRATEGIES",
+    "WSIDataError",
+    "SlideFormatError",
+    "AnnotationError",
+    "PromptError",
+    "WSIProcessor",
+    *_LAZY,
 ]
 
 

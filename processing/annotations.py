@@ -19,16 +19,23 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import AnnotationError
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
 AnnotationTask = Literal["clip", "llava"]
 SEED_COLUMNS = ("h5_path", "caption", "question", "answer", "slide_id", "dataset")
-REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {"clip": ("h5_path", "caption"), "llava": ("h5_path", "question", "answer")}
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "clip": ("h5_path", "caption"),
+    "llava": ("h5_path", "question", "answer"),
+}
 _USER_ROLES = {"human", "user"}
 _ASSISTANT_ROLES = {"gpt", "assistant", "model"}
 _IMAGE_MARKERS = ("<image>", "<wsi>", "<slide>")
@@ -126,9 +133,16 @@ def _resolve(h5_path: str, base: Path, root: Path | None) -> tuple[Path, str | N
     return resolved, None
 
 
-def load_annotations(path: str | Path, task: AnnotationTask = "clip", *, h5_root: str | Path | None = None,
-                     split: str | None = None, check_files: bool = True, require_case_id: bool = False,
-                     on_error: Literal["raise", "skip"] = "raise") -> "datasets.Dataset":
+def load_annotations(
+    path: str | Path,
+    task: AnnotationTask = "clip",
+    *,
+    h5_root: str | Path | None = None,
+    split: str | None = None,
+    check_files: bool = True,
+    require_case_id: bool = False,
+    on_error: Literal["raise", "skip"] = "raise",
+) -> datasets.Dataset:
     """Load and validate an annotation file for ``task`` (``"clip"`` or ``"llava"``).
 
     Returns a ``datasets.Dataset`` with (at least) ``h5_path`` (absolute), ``slide_id``, ``case_id``
@@ -160,17 +174,23 @@ def load_annotations(path: str | Path, task: AnnotationTask = "clip", *, h5_root
     keys = set().union(*(r.keys() for r in records))
     required = REQUIRED_COLUMNS[task]
     has_conv = "conversations" in keys
-    missing = [c for c in required if c not in keys and not (task == "llava" and has_conv and c in ("question", "answer"))]
+    missing = [
+        c for c in required if c not in keys and not (task == "llava" and has_conv and c in ("question", "answer"))
+    ]
     if missing:
         raise AnnotationError(
             f"{path}: missing required column(s) {missing} for task '{task}' (found {sorted(keys)}). "
-            f"A {task} file needs {list(required)}" + (" (or a 'conversations' list)" if task == "llava" else "")
-            + "; rename your columns or pass the right task.")
+            f"A {task} file needs {list(required)}"
+            + (" (or a 'conversations' list)" if task == "llava" else "")
+            + "; rename your columns or pass the right task."
+        )
 
     if require_case_id and "case_id" not in keys:
-        raise AnnotationError(f"{path}: no 'case_id' column, but the loss groups slides by case (several slides "
-                              "of one case share one report). Add a case_id column (e.g. the 12-character TCGA "
-                              "patient barcode), or disable case grouping.")
+        raise AnnotationError(
+            f"{path}: no 'case_id' column, but the loss groups slides by case (several slides "
+            "of one case share one report). Add a case_id column (e.g. the 12-character TCGA "
+            "patient barcode), or disable case grouping."
+        )
     root = Path(h5_root).expanduser().resolve() if h5_root is not None else None
     base = root if root is not None else path.parent.resolve()
     text_columns = ("caption",) if task == "clip" else ("question", "answer")
@@ -207,28 +227,41 @@ def load_annotations(path: str | Path, task: AnnotationTask = "clip", *, h5_root
             continue
         slide_id = str(rec.get("slide_id") or "").strip() or Path(h5).stem
         out = {k: ("" if v is None else v) for k, v in rec.items()}
-        out.update(h5_path=str(resolved), slide_id=slide_id, row=number,
-                   case_id=str(rec.get("case_id") or "").strip() or slide_id,
-                   dataset=str(rec.get("dataset") or ""), split=str(rec.get("split") or ""))
+        out.update(
+            h5_path=str(resolved),
+            slide_id=slide_id,
+            row=number,
+            case_id=str(rec.get("case_id") or "").strip() or slide_id,
+            dataset=str(rec.get("dataset") or ""),
+            split=str(rec.get("split") or ""),
+        )
         if task == "llava" and not conv:
-            out["conversations"] = [{"role": "user", "content": str(rec["question"]).strip()},
-                                    {"role": "assistant", "content": str(rec["answer"]).strip()}]
+            out["conversations"] = [
+                {"role": "user", "content": str(rec["question"]).strip()},
+                {"role": "assistant", "content": str(rec["answer"]).strip()},
+            ]
         for key in ("caption", "question", "answer"):
             out[key] = str(out.get(key) or "")
         rows.append(out)
 
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED_PROBLEMS])
-        more = f"\n  ... and {len(problems) - _MAX_LISTED_PROBLEMS} more" if len(problems) > _MAX_LISTED_PROBLEMS else ""
-        message = (f"{path}: {len(problems)} of {len(records)} row(s) are unusable for task '{task}':\n  {listed}{more}\n"
-                   "Fix the rows (paths resolve against " + (f"h5_root {root}" if root else f"the file's folder {base}")
-                   + "), or pass on_error='skip' (--skip_bad_samples) to drop them.")
+        more = (
+            f"\n  ... and {len(problems) - _MAX_LISTED_PROBLEMS} more" if len(problems) > _MAX_LISTED_PROBLEMS else ""
+        )
+        message = (
+            f"{path}: {len(problems)} of {len(records)} row(s) are unusable for task '{task}':\n  {listed}{more}\n"
+            "Fix the rows (paths resolve against "
+            + (f"h5_root {root}" if root else f"the file's folder {base}")
+            + "), or pass on_error='skip' (--skip_bad_samples) to drop them."
+        )
         if on_error != "skip":
             raise AnnotationError(message)
         logger.warning("%s", message)
     if not rows:
-        raise AnnotationError(f"{path}: no usable rows" + (f" with split == {split!r}" if split is not None else "")
-                              + ".")
+        raise AnnotationError(
+            f"{path}: no usable rows" + (f" with split == {split!r}" if split is not None else "") + "."
+        )
     # Arrow needs one type per column: stringify values of mixed-type extra columns.
     all_keys = set().union(*(r.keys() for r in rows))
     for r in rows:  # Dataset.from_list takes its columns from the first row

@@ -8,9 +8,10 @@ so workers forked from the main process never share an HDF5 handle, and memory s
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -51,9 +52,12 @@ class _SlideBatcher:
         return stable_id(f"{self.seed}/{self.epoch}/{row.get('row', '')}/{Path(str(row['h5_path'])).name}")
 
     def _slides(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        slides = [self.processor.load_slide(row["h5_path"], max_tiles=self.max_tiles,
-                                            tile_sampling=self.tile_sampling, seed=self.row_seed(row))
-                  for row in rows]
+        slides = [
+            self.processor.load_slide(
+                row["h5_path"], max_tiles=self.max_tiles, tile_sampling=self.tile_sampling, seed=self.row_seed(row)
+            )
+            for row in rows
+        ]
         return self.processor.pad_slides(slides)
 
 
@@ -71,10 +75,10 @@ class ContrastiveCollator(_SlideBatcher):
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self._slides(rows)
         captions = [str(row["caption"]) for row in rows]
-        batch.update(self.processor(text=captions, padding=True, truncation=True,
-                                    max_length=self.text_max_length).data)
-        batch["case_ids"] = torch.tensor([stable_id(row.get("case_id") or row.get("slide_id") or row["h5_path"])
-                                          for row in rows], dtype=torch.long)
+        batch.update(self.processor(text=captions, padding=True, truncation=True, max_length=self.text_max_length).data)
+        batch["case_ids"] = torch.tensor(
+            [stable_id(row.get("case_id") or row.get("slide_id") or row["h5_path"]) for row in rows], dtype=torch.long
+        )
         batch["text_ids"] = torch.tensor([stable_id(c) for c in captions], dtype=torch.long)
         return batch
 
@@ -97,10 +101,12 @@ class InstructionCollator(_SlideBatcher):
         when the placeholder is missing or truncation drops it or the answer (the pre-flight calls this too)."""
         conversation = row.get("conversations") or [
             {"role": "user", "content": str(row["question"])},
-            {"role": "assistant", "content": str(row["answer"])}]
+            {"role": "assistant", "content": str(row["answer"])},
+        ]
         source = f"{row.get('h5_path', '?')} (annotation row {row.get('row', '?')})"
-        return self.processor.build_instruction_example(conversation, self.max_length, source,
-                                                        with_slide=not self.text_only)
+        return self.processor.build_instruction_example(
+            conversation, self.max_length, source, with_slide=not self.text_only
+        )
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = {} if self.text_only else self._slides(rows)

@@ -49,9 +49,11 @@ def validate_coords(coords: np.ndarray, source: str) -> np.ndarray | None:
     if coords.size and int(coords.min()) < 0:
         negative = np.flatnonzero((coords < 0).any(axis=1))
         i = int(negative[0])
-        raise SlideFormatError(f"{source}: {negative.size} tile(s) have negative coordinates (first: row {i}, "
-                               f"(x, y) = {tuple(int(v) for v in coords[i])}). Coordinates must be level-0 pixel "
-                               "offsets from the slide's top-left corner; shift them so the minimum is 0.")
+        raise SlideFormatError(
+            f"{source}: {negative.size} tile(s) have negative coordinates (first: row {i}, "
+            f"(x, y) = {tuple(int(v) for v in coords[i])}). Coordinates must be level-0 pixel "
+            "offsets from the slide's top-left corner; shift them so the minimum is 0."
+        )
     x, y = coords[:, 0], coords[:, 1]
     if bool(((y[1:] > y[:-1]) | ((y[1:] == y[:-1]) & (x[1:] > x[:-1]))).all()):
         return None  # strictly increasing in (y, x): sorted and without duplicates
@@ -60,10 +62,12 @@ def validate_coords(coords: np.ndarray, source: str) -> np.ndarray | None:
     same = np.flatnonzero((sorted_xy[1:] == sorted_xy[:-1]).all(axis=1))
     if same.size:
         a, b = int(order[same[0]]), int(order[same[0] + 1])
-        raise SlideFormatError(f"{source}: {same.size} duplicated tile coordinate(s) (e.g. rows {a} and {b} both "
-                               f"at (x, y) = {tuple(int(v) for v in coords[a])}). Each tile must appear once: "
-                               "deduplicate at extraction, or check that coordinates are level-0 pixels and "
-                               "not grid indices at a coarser level.")
+        raise SlideFormatError(
+            f"{source}: {same.size} duplicated tile coordinate(s) (e.g. rows {a} and {b} both "
+            f"at (x, y) = {tuple(int(v) for v in coords[a])}). Each tile must appear once: "
+            "deduplicate at extraction, or check that coordinates are level-0 pixels and "
+            "not grid indices at a coarser level."
+        )
     return order
 
 

@@ -37,7 +37,7 @@ _PARALLEL_READ_MIN_BYTES = 16 << 20
 _MAX_READ_THREADS = 4
 
 
-def _contiguous_offset(ds: "h5py.Dataset") -> int | None:
+def _contiguous_offset(ds: h5py.Dataset) -> int | None:
     """Byte offset of the dataset in its file when its bytes can be read directly (contiguous, uncompressed,
     plain POSIX file driver), else ``None``."""
     if ds.chunks is not None or ds.compression is not None or ds.file.driver not in ("sec2", None):
@@ -45,7 +45,7 @@ def _contiguous_offset(ds: "h5py.Dataset") -> int | None:
     return ds.id.get_offset()
 
 
-def _memmap_rows(ds: "h5py.Dataset", rows: np.ndarray) -> np.ndarray | None:
+def _memmap_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray | None:
     """Gather ``rows`` straight from the file when the dataset is stored contiguously and uncompressed.
 
     HDF5 builds one hyperslab per selected row (slow for thousands of rows); a read-only memory map of the
@@ -75,7 +75,7 @@ def _read_into(file, buffer: np.ndarray, offset: int) -> int:
     return done
 
 
-def _read_all_rows_direct(ds: "h5py.Dataset", path: Path) -> tuple[torch.Tensor, np.ndarray] | None:
+def _read_all_rows_direct(ds: h5py.Dataset, path: Path) -> tuple[torch.Tensor, np.ndarray] | None:
     """Every row of a contiguous float16/float32 dataset as a float32 ``[N, D]`` tensor, plus each row's sum.
 
     Why not ``ds[()]``: h5py copies the bytes on one core, and converting to float32 and checking for NaN/Inf
@@ -101,10 +101,12 @@ def _read_all_rows_direct(ds: "h5py.Dataset", path: Path) -> tuple[torch.Tensor,
         staging = None if ds.dtype.type is np.float32 else np.empty((piece_rows, dim), dtype=ds.dtype)
         with open(ds.file.filename, "rb", buffering=0) as file:
             for start, stop in pieces[first::threads]:
-                target = out[start:stop] if staging is None else staging[:stop - start]  # [rows, D]
+                target = out[start:stop] if staging is None else staging[: stop - start]  # [rows, D]
                 if _read_into(file, target, offset + start * row_bytes) != target.nbytes:
-                    raise SlideFormatError(f"{path}: 'features' is truncated (rows {start}..{stop - 1} could not "
-                                           "be read). The file was cut short; re-run feature extraction for it.")
+                    raise SlideFormatError(
+                        f"{path}: 'features' is truncated (rows {start}..{stop - 1} could not "
+                        "be read). The file was cut short; re-run feature extraction for it."
+                    )
                 if staging is not None:
                     torch.from_numpy(out[start:stop]).copy_(torch.from_numpy(target))
                 with np.errstate(over="ignore", invalid="ignore"):  # overflowing sums are re-checked exactly
@@ -121,8 +123,7 @@ def _read_all_rows_direct(ds: "h5py.Dataset", path: Path) -> tuple[torch.Tensor,
     return torch.from_numpy(out), row_sums
 
 
-def read_feature_rows(ds: "h5py.Dataset", rows: np.ndarray | None,
-                      path: Path) -> tuple[torch.Tensor, np.ndarray | None]:
+def read_feature_rows(ds: h5py.Dataset, rows: np.ndarray | None, path: Path) -> tuple[torch.Tensor, np.ndarray | None]:
     """Float32 rows ``rows`` (any order, duplicates allowed) of ``ds``, or all rows, touching only what it
     needs; plus the rows' sums when the read computed them on the way (``None`` otherwise)."""
     if rows is None or rows.size > _SELECTION_READ_MAX_FRACTION * ds.shape[0]:

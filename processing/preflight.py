@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,18 +42,28 @@ def check_grid(coords: np.ndarray, tile_size: int, slide_ngrids: int, source: st
     i = int(outside[0])
     factor = max(2, math.ceil((int(coords.max()) // tile_size + 1) / slide_ngrids))
     stride = infer_tile_stride(coords)
-    stride_note = (f" The tile stride in this file is {stride} px but the model's tile_size is {tile_size} px: "
-                   f"coordinates are probably at a higher magnification than the model expects."
-                   if stride and stride != tile_size else "")
+    stride_note = (
+        f" The tile stride in this file is {stride} px but the model's tile_size is {tile_size} px: "
+        f"coordinates are probably at a higher magnification than the model expects."
+        if stride and stride != tile_size
+        else ""
+    )
     raise SlideFormatError(
         f"{source}: {outside.size} tile(s) fall outside the position grid 0..{slide_ngrids - 1} for tile_size "
         f"{tile_size} (first: row {i}, (x, y) = {tuple(int(v) for v in coords[i])} → grid cell "
         f"{tuple(int(v) for v in cells[i])}).{stride_note} Fix: divide the coordinates by {factor} (or more), or "
-        f"use a model whose max_wsi_size covers {int(coords.max()) + tile_size} px.")
+        f"use a model whose max_wsi_size covers {int(coords.max()) + tile_size} px."
+    )
 
 
-def inspect_slide(path: str | Path, *, feature_dim: int | None = None, tile_size: int | None = None,
-                  slide_ngrids: int | None = None, check_values: bool = True) -> int:
+def inspect_slide(
+    path: str | Path,
+    *,
+    feature_dim: int | None = None,
+    tile_size: int | None = None,
+    slide_ngrids: int | None = None,
+    check_values: bool = True,
+) -> int:
     """Validate one slide file without loading it whole; returns its tile count.
 
     Raises :class:`SlideFormatError` for every contract violation :func:`processing.read_slide` would raise,
@@ -65,19 +76,23 @@ def inspect_slide(path: str | Path, *, feature_dim: int | None = None, tile_size
         coords, _, _ = read_coords(f, path, num_tiles)
         validate_coords(coords, str(path))
         if feature_dim is not None and dim != feature_dim:
-            raise SlideFormatError(f"{path}: tile features have dimension {dim} but the model expects "
-                                   f"{feature_dim}. Use features from the model's tile encoder, or configure the "
-                                   f"model's input dimension as {dim}.")
+            raise SlideFormatError(
+                f"{path}: tile features have dimension {dim} but the model expects "
+                f"{feature_dim}. Use features from the model's tile encoder, or configure the "
+                f"model's input dimension as {dim}."
+            )
         if tile_size is not None and slide_ngrids is not None:
             check_grid(coords, tile_size, slide_ngrids, str(path))
         if check_values:
             for start in range(0, num_tiles, _VALUE_SCAN_ROWS):
-                finite = finite_rows(as_float32(ds[start:start + _VALUE_SCAN_ROWS]))  # [rows]
+                finite = finite_rows(as_float32(ds[start : start + _VALUE_SCAN_ROWS]))  # [rows]
                 if not bool(finite.all()):
                     rows = (torch.nonzero(~finite).flatten() + start).tolist()
-                    raise SlideFormatError(f"{path}: tile(s) with NaN/Inf features (on-disk rows {rows[:5]}), "
-                                           "often fp16 overflow at extraction. Re-extract in fp32/bf16, or drop "
-                                           "those tiles when reading (nonfinite='drop').")
+                    raise SlideFormatError(
+                        f"{path}: tile(s) with NaN/Inf features (on-disk rows {rows[:5]}), "
+                        "often fp16 overflow at extraction. Re-extract in fp32/bf16, or drop "
+                        "those tiles when reading (nonfinite='drop')."
+                    )
     return num_tiles
 
 
@@ -96,8 +111,10 @@ class PreflightReport:
         return self.num_rows - len(self.kept_rows)
 
     def summary(self) -> str:
-        return (f"pre-flight: {self.num_rows} rows, {self.num_slides} valid distinct slides ({self.num_tiles} tiles); "
-                f"{self.num_skipped} row(s) skipped")
+        return (
+            f"pre-flight: {self.num_rows} rows, {self.num_slides} valid distinct slides ({self.num_tiles} tiles); "
+            f"{self.num_skipped} row(s) skipped"
+        )
 
 
 def _process_rank_and_count() -> tuple[int, int]:
@@ -111,11 +128,19 @@ def _process_rank_and_count() -> tuple[int, int]:
     return 0, 1
 
 
-def preflight_check(rows: Iterable[dict[str, Any]] | Any, *, feature_dim: int | None = None,
-                    tile_size: int | None = None, slide_ngrids: int | None = None,
-                    require_case_id: bool = False, check_values: bool = True, skip_bad_samples: bool = False,
-                    source: str = "dataset", progress: bool = True,
-                    row_check: Callable[[dict[str, Any]], Any] | None = None) -> PreflightReport:
+def preflight_check(
+    rows: Iterable[dict[str, Any]] | Any,
+    *,
+    feature_dim: int | None = None,
+    tile_size: int | None = None,
+    slide_ngrids: int | None = None,
+    require_case_id: bool = False,
+    check_values: bool = True,
+    skip_bad_samples: bool = False,
+    source: str = "dataset",
+    progress: bool = True,
+    row_check: Callable[[dict[str, Any]], Any] | None = None,
+) -> PreflightReport:
     """Check every row's slide (each distinct file once) before training; raise or skip.
 
     Args:
@@ -145,8 +170,16 @@ def preflight_check(rows: Iterable[dict[str, Any]] | Any, *, feature_dim: int | 
     try:
         for path in tqdm(mine, desc=f"pre-flight {source}", unit="slide", disable=not progress or len(mine) < 50):
             try:
-                verdicts[path] = (inspect_slide(path, feature_dim=feature_dim, tile_size=tile_size,
-                                                slide_ngrids=slide_ngrids, check_values=check_values), None)
+                verdicts[path] = (
+                    inspect_slide(
+                        path,
+                        feature_dim=feature_dim,
+                        tile_size=tile_size,
+                        slide_ngrids=slide_ngrids,
+                        check_values=check_values,
+                    ),
+                    None,
+                )
             except WSIDataError as err:
                 verdicts[path] = (0, str(err))
             except OSError as err:  # unreadable (permissions, I/O error): a problem of that file, not of the run
@@ -164,10 +197,12 @@ def preflight_check(rows: Iterable[dict[str, Any]] | Any, *, feature_dim: int | 
         if failures:
             raise RuntimeError(f"pre-flight {source} failed: " + "; ".join(failures))
         verdicts = {path: verdict for share in shares if share for path, verdict in share[0].items()}
-        logger.info("pre-flight %s: process %d of %d checked %d of %d slide files", source, rank, world, len(mine),
-                    len(paths))
-    row_bar = tqdm(rows, desc=f"pre-flight {source} rows", unit="row",
-                   disable=not progress or row_check is None or len(rows) < 50)
+        logger.info(
+            "pre-flight %s: process %d of %d checked %d of %d slide files", source, rank, world, len(mine), len(paths)
+        )
+    row_bar = tqdm(
+        rows, desc=f"pre-flight {source} rows", unit="row", disable=not progress or row_check is None or len(rows) < 50
+    )
     for index, row in enumerate(row_bar):
         label = f"row {row.get('row', index + 1)}"
         problems = []
@@ -191,8 +226,10 @@ def preflight_check(rows: Iterable[dict[str, Any]] | Any, *, feature_dim: int | 
     if report.problems:
         listed = "\n  ".join(report.problems[:_MAX_LISTED])
         more = f"\n  ... and {len(report.problems) - _MAX_LISTED} more" if len(report.problems) > _MAX_LISTED else ""
-        message = (f"{source}: {len(report.problems)} of {len(rows)} row(s) failed the pre-flight check:\n  "
-                   f"{listed}{more}\nFix them, or pass --skip_bad_samples to train on the rest.")
+        message = (
+            f"{source}: {len(report.problems)} of {len(rows)} row(s) failed the pre-flight check:\n  "
+            f"{listed}{more}\nFix them, or pass --skip_bad_samples to train on the rest."
+        )
         if not skip_bad_samples:
             raise WSIDataError(message)
         logger.warning("%s", message)
@@ -206,8 +243,11 @@ def slide_contract(slide_config: Any) -> dict[str, int | None]:
     """The input contract of a slide tower config for :func:`preflight_check`: ``feature_dim`` (``input_dim``) and,
     for towers with a position grid (the LongNet slide encoder), ``tile_size`` and ``slide_ngrids``."""
     grid = getattr(slide_config, "tile_size", None), getattr(slide_config, "slide_ngrids", None)
-    return {"feature_dim": getattr(slide_config, "input_dim", None),
-            "tile_size": grid[0] if None not in grid else None, "slide_ngrids": grid[1] if None not in grid else None}
+    return {
+        "feature_dim": getattr(slide_config, "input_dim", None),
+        "tile_size": grid[0] if None not in grid else None,
+        "slide_ngrids": grid[1] if None not in grid else None,
+    }
 
 
 def common_feature_dim(paths: Iterable[str | Path], limit: int = 32) -> int:
@@ -238,11 +278,22 @@ def preflight_dataset(dataset: Any, *, source: str, skip_bad_samples: bool = Fal
     """
     report = preflight_check(dataset, source=source, skip_bad_samples=skip_bad_samples, **checks)
     if report.num_skipped:
-        logger.warning("%s: skipped %d of %d row(s) that failed the pre-flight check (--skip_bad_samples)", source,
-                       report.num_skipped, report.num_rows)
+        logger.warning(
+            "%s: skipped %d of %d row(s) that failed the pre-flight check (--skip_bad_samples)",
+            source,
+            report.num_skipped,
+            report.num_rows,
+        )
         dataset = dataset.select(report.kept_rows)
     return dataset
 
 
-__all__ = ["preflight_check", "preflight_dataset", "inspect_slide", "check_grid", "slide_contract",
-           "common_feature_dim", "PreflightReport"]
+__all__ = [
+    "preflight_check",
+    "preflight_dataset",
+    "inspect_slide",
+    "check_grid",
+    "slide_contract",
+    "common_feature_dim",
+    "PreflightReport",
+]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -60,9 +62,18 @@ class WSIProcessor(ProcessorMixin):
 
     tokenizer_class = "AutoTokenizer"
 
-    def __init__(self, tokenizer=None, max_tiles: int | None = 4096, tile_sampling: str = "uniform",
-                 feature_dim: int | None = None, tile_size: int = 256, slide_token: str = "<slide>",
-                 max_length: int | None = None, chat_template: str | None = None, **kwargs):
+    def __init__(
+        self,
+        tokenizer=None,
+        max_tiles: int | None = 4096,
+        tile_sampling: str = "uniform",
+        feature_dim: int | None = None,
+        tile_size: int = 256,
+        slide_token: str = "<slide>",
+        max_length: int | None = None,
+        chat_template: str | None = None,
+        **kwargs,
+    ):
         if tile_sampling not in TILE_SAMPLING_STRATEGIES:
             raise ValueError(f"tile_sampling={tile_sampling!r} is not one of {TILE_SAMPLING_STRATEGIES}.")
         self.max_tiles = max_tiles
@@ -74,8 +85,15 @@ class WSIProcessor(ProcessorMixin):
         super().__init__(tokenizer, chat_template=chat_template, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ slides
-    def load_slide(self, slide: SlideInput, *, max_tiles: int | None = None, tile_sampling: str | None = None,
-                   seed: int | None = None, coords: torch.Tensor | np.ndarray | None = None) -> SlideFeatures:
+    def load_slide(
+        self,
+        slide: SlideInput,
+        *,
+        max_tiles: int | None = None,
+        tile_sampling: str | None = None,
+        seed: int | None = None,
+        coords: torch.Tensor | np.ndarray | None = None,
+    ) -> SlideFeatures:
         """Any accepted slide input → validated, spatially ordered, sampled :class:`SlideFeatures`.
 
         Accepts an H5 path, a ``SlideFeatures``, a ``(features, coords)`` tuple, a ``{"features", "coords"}``
@@ -92,10 +110,12 @@ class WSIProcessor(ProcessorMixin):
             if keep.size != result.num_tiles:
                 result = result.select(keep)
         if self.feature_dim is not None and result.feature_dim != self.feature_dim:
-            raise SlideFormatError(f"{result.path or 'in-memory slide'}: tile features have dimension "
-                                   f"{result.feature_dim} but this processor / model expects {self.feature_dim}. "
-                                   "Use features from the tile encoder the model was trained on (e.g. 1536-d "
-                                   "Prov-GigaPath) or a model configured for this dimension.")
+            raise SlideFormatError(
+                f"{result.path or 'in-memory slide'}: tile features have dimension "
+                f"{result.feature_dim} but this processor / model expects {self.feature_dim}. "
+                "Use features from the tile encoder the model was trained on (e.g. 1536-d "
+                "Prov-GigaPath) or a model configured for this dimension."
+            )
         return result
 
     def _in_memory_slide(self, slide: Any, coords: Any) -> SlideFeatures:
@@ -120,10 +140,13 @@ class WSIProcessor(ProcessorMixin):
         xy = torch.as_tensor(xy)
         source = path or "in-memory slide"
         if features.ndim != 2 or features.shape[0] == 0:
-            raise SlideFormatError(f"{source}: features must be a non-empty [N, D] tensor, got {tuple(features.shape)}.")
+            raise SlideFormatError(
+                f"{source}: features must be a non-empty [N, D] tensor, got {tuple(features.shape)}."
+            )
         if xy.ndim != 2 or xy.shape[1] != 2 or xy.shape[0] != features.shape[0]:
-            raise SlideFormatError(f"{source}: coords must be [N, 2] with N = {features.shape[0]} (features rows), "
-                                   f"got {tuple(xy.shape)}.")
+            raise SlideFormatError(
+                f"{source}: coords must be [N, 2] with N = {features.shape[0]} (features rows), got {tuple(xy.shape)}."
+            )
         if xy.dtype == torch.float16:
             raise SlideFormatError(f"{source}: float16 coordinates lose precision above 2048 px; pass int64.")
         if not torch.isfinite(features.float()).all():
@@ -142,8 +165,10 @@ class WSIProcessor(ProcessorMixin):
             raise ValueError("pad_slides needs at least one slide.")
         dims = {s.feature_dim for s in slides}
         if len(dims) > 1:
-            raise SlideFormatError(f"slides in one batch have different feature dimensions {sorted(dims)}: "
-                                   + ", ".join(f"{s.path or 'in-memory'}: {s.feature_dim}" for s in slides))
+            raise SlideFormatError(
+                f"slides in one batch have different feature dimensions {sorted(dims)}: "
+                + ", ".join(f"{s.path or 'in-memory'}: {s.feature_dim}" for s in slides)
+            )
         n_max = max(s.num_tiles for s in slides)
         batch, dim = len(slides), dims.pop()
         features = torch.zeros(batch, n_max, dim, dtype=torch.float32)  # [B, Nmax, D]
@@ -162,32 +187,57 @@ class WSIProcessor(ProcessorMixin):
             raise ValueError("This WSIProcessor has no tokenizer; build it with WSIProcessor(tokenizer=...).")
         return self.tokenizer
 
-    def __call__(self, slides: SlideInput | Sequence[SlideInput] | None = None,
-                 text: str | Sequence[str] | None = None, *, coords: Sequence[Any] | None = None,
-                 max_tiles: int | None = None, tile_sampling: str | None = None, seed: int | None = None,
-                 padding: bool | str = True, truncation: bool = True, max_length: int | None = None,
-                 return_tensors: str = "pt", **text_kwargs) -> BatchFeature:
+    def __call__(
+        self,
+        slides: SlideInput | Sequence[SlideInput] | None = None,
+        text: str | Sequence[str] | None = None,
+        *,
+        coords: Sequence[Any] | None = None,
+        max_tiles: int | None = None,
+        tile_sampling: str | None = None,
+        seed: int | None = None,
+        padding: bool | str = True,
+        truncation: bool = True,
+        max_length: int | None = None,
+        return_tensors: str = "pt",
+        **text_kwargs,
+    ) -> BatchFeature:
         """Process a batch of slides and/or texts (a single slide or string is treated as a batch of one)."""
         if slides is None and text is None:
             raise ValueError("WSIProcessor needs `slides`, `text` or both.")
         data: dict[str, Any] = {}
         if slides is not None:
-            single = isinstance(slides, (str, SlideFeatures, dict)) or hasattr(slides, "__fspath__") or (
-                isinstance(slides, torch.Tensor) and slides.ndim == 2)
+            single = (
+                isinstance(slides, (str, SlideFeatures, dict))
+                or hasattr(slides, "__fspath__")
+                or (isinstance(slides, torch.Tensor) and slides.ndim == 2)
+            )
             slide_list = [slides] if single else list(slides)
             coord_list = list(coords) if coords is not None else [None] * len(slide_list)
             if len(coord_list) != len(slide_list):
                 raise ValueError(f"got {len(slide_list)} slides but {len(coord_list)} coords.")
-            loaded = [self.load_slide(s, max_tiles=max_tiles, tile_sampling=tile_sampling,
-                                      seed=None if seed is None else seed + i, coords=c)
-                      for i, (s, c) in enumerate(zip(slide_list, coord_list))]
+            loaded = [
+                self.load_slide(
+                    s,
+                    max_tiles=max_tiles,
+                    tile_sampling=tile_sampling,
+                    seed=None if seed is None else seed + i,
+                    coords=c,
+                )
+                for i, (s, c) in enumerate(zip(slide_list, coord_list))
+            ]
             data.update(self.pad_slides(loaded))
         if text is not None:
             tokenizer = self._require_tokenizer()
             texts = [text] if isinstance(text, str) else list(text)
-            encoded = tokenizer(texts, padding=padding, truncation=truncation,
-                                max_length=max_length or self.max_length, return_tensors=return_tensors,
-                                **text_kwargs)
+            encoded = tokenizer(
+                texts,
+                padding=padding,
+                truncation=truncation,
+                max_length=max_length or self.max_length,
+                return_tensors=return_tensors,
+                **text_kwargs,
+            )
             data.update(encoded)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
@@ -206,16 +256,19 @@ class WSIProcessor(ProcessorMixin):
         tokenizer = self._require_tokenizer()
         if self.slide_token in tokenizer.get_vocab():
             return 0
-        return tokenizer.add_special_tokens({"additional_special_tokens": [self.slide_token]},
-                                            replace_extra_special_tokens=False)
+        return tokenizer.add_special_tokens(
+            {"additional_special_tokens": [self.slide_token]}, replace_extra_special_tokens=False
+        )
 
     @property
     def slide_token_id(self) -> int:
         tokenizer = self._require_tokenizer()
         vocab = tokenizer.get_vocab()
         if self.slide_token not in vocab:
-            raise PromptError(f"the slide placeholder {self.slide_token!r} is not in the tokenizer's vocabulary. "
-                              "Call processor.ensure_slide_token() and resize the language model's embeddings.")
+            raise PromptError(
+                f"the slide placeholder {self.slide_token!r} is not in the tokenizer's vocabulary. "
+                "Call processor.ensure_slide_token() and resize the language model's embeddings."
+            )
         return vocab[self.slide_token]
 
     def _chat_turns(self, conversation: Sequence[dict[str, str]], with_slide: bool = True) -> list[dict[str, str]]:
@@ -236,8 +289,9 @@ class WSIProcessor(ProcessorMixin):
         """A user turn's question without the slide placeholder (what prompt-guided selection reads)."""
         return content.replace(self.slide_token, "").strip()
 
-    def prompt_pieces(self, conversation: Sequence[dict[str, str]], add_generation_prompt: bool = False,
-                      with_slide: bool = True) -> list[PromptPiece]:
+    def prompt_pieces(
+        self, conversation: Sequence[dict[str, str]], add_generation_prompt: bool = False, with_slide: bool = True
+    ) -> list[PromptPiece]:
         """The conversation as alternating prompt / answer pieces, each tokenised on its own.
 
         Tokenising piece by piece makes the generation prompt of turn ``k`` the training prefix of that turn *token for
@@ -266,7 +320,9 @@ class WSIProcessor(ProcessorMixin):
             eos = tokenizer.eos_token or ""
             for turn in turns:
                 if turn["role"] == "assistant":
-                    pieces.append(PromptPiece(DEFAULT_ASSISTANT_TEMPLATE.format(content=turn["content"], eos=eos), True))
+                    pieces.append(
+                        PromptPiece(DEFAULT_ASSISTANT_TEMPLATE.format(content=turn["content"], eos=eos), True)
+                    )
                     add_prompt(DEFAULT_TURN_SEPARATOR)
                 elif turn["role"] == "system":
                     add_prompt(turn["content"] + "\n")
@@ -275,32 +331,39 @@ class WSIProcessor(ProcessorMixin):
                     question = self._question_text(turn["content"])
                     start = text.rfind(question) if question else -1
                     add_prompt(text, (start, start + len(question)) if start >= 0 else None)
-            if pieces and not pieces[-1].trained and pieces[-1].text == DEFAULT_TURN_SEPARATOR and turns[-1]["role"] \
-                    == "assistant":
+            if (
+                pieces
+                and not pieces[-1].trained
+                and pieces[-1].text == DEFAULT_TURN_SEPARATOR
+                and turns[-1]["role"] == "assistant"
+            ):
                 pieces.pop()  # no dangling separator after the last answer
             return pieces
 
         def render(msgs: list[dict[str, str]], gen: bool) -> str:
             if not msgs:
                 return ""
-            return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=gen)
+            return tokenizer.apply_chat_template(
+                msgs, chat_template=template, tokenize=False, add_generation_prompt=gen
+            )
 
         done = ""  # text rendered so far (a prefix of every later rendering)
         for k, turn in enumerate(turns):
             if turn["role"] == "assistant":
                 prefix, full = render(turns[:k], True), render(turns[: k + 1], False)
                 if not (prefix.startswith(done) and full.startswith(prefix)):
-                    raise PromptError("the chat template is not prefix-stable (rendering a reply changes earlier "
-                                      "text), so answer tokens cannot be located; use a template that only appends.")
-                add_prompt(prefix[len(done):])
-                pieces.append(PromptPiece(full[len(prefix):], True))
+                    raise PromptError(
+                        "the chat template is not prefix-stable (rendering a reply changes earlier "
+                        "text), so answer tokens cannot be located; use a template that only appends."
+                    )
+                add_prompt(prefix[len(done) :])
+                pieces.append(PromptPiece(full[len(prefix) :], True))
                 done = full
             elif turn["role"] == "user":
                 rendered = render(turns[: k + 1], False)
                 if not rendered.startswith(done):
                     raise PromptError("the chat template is not prefix-stable (a new user turn changes earlier text).")
-                new = rendered[len(done):]
+                new = rendered[len(done) :]
                 question = self._question_text(turn["content"])
                 start = new.rfind(question) if question else -1
                 add_prompt(new, (start, start + len(question)) if start >= 0 else None)
@@ -309,13 +372,16 @@ class WSIProcessor(ProcessorMixin):
         if turns[-1]["role"] != "assistant":
             final = render(turns, add_generation_prompt)
             if not final.startswith(done):
-                raise PromptError("the chat template is not prefix-stable (the generation prompt changes earlier text).")
+                raise PromptError(
+                    "the chat template is not prefix-stable (the generation prompt changes earlier text)."
+                )
             if len(final) > len(done):
-                add_prompt(final[len(done):])
+                add_prompt(final[len(done) :])
         return pieces
 
-    def render_conversation(self, conversation: Sequence[dict[str, str]], add_generation_prompt: bool = False
-                            ) -> tuple[str, list[tuple[int, int]]]:
+    def render_conversation(
+        self, conversation: Sequence[dict[str, str]], add_generation_prompt: bool = False
+    ) -> tuple[str, list[tuple[int, int]]]:
         """Prompt text of a conversation and the character spans of every assistant reply (the trained part)."""
         text, spans = "", []
         for piece in self.prompt_pieces(conversation, add_generation_prompt):
@@ -324,8 +390,9 @@ class WSIProcessor(ProcessorMixin):
             text += piece.text
         return text, spans
 
-    def _tokenize_pieces(self, pieces: Sequence[PromptPiece], current_question: int
-                         ) -> tuple[list[int], list[int], list[int]]:
+    def _tokenize_pieces(
+        self, pieces: Sequence[PromptPiece], current_question: int
+    ) -> tuple[list[int], list[int], list[int]]:
         """ids, labels and question mask of ``pieces``; the question mask marks the tokens of the
         ``current_question``-th user question (``-1``: the last one)."""
         tokenizer = self._require_tokenizer()
@@ -336,13 +403,18 @@ class WSIProcessor(ProcessorMixin):
             enc = tokenizer(piece.text, add_special_tokens=False, return_offsets_mapping=bool(piece.questions))
             piece_ids = list(enc["input_ids"])
             for start, end in piece.questions:
-                spans.append([len(ids) + i for i, (s, e) in enumerate(enc["offset_mapping"])
-                              if e > s and s < end and e > start])
+                spans.append(
+                    [len(ids) + i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < end and e > start]
+                )
             ids += piece_ids
             labels += piece_ids if piece.trained else [-100] * len(piece_ids)
         bos = tokenizer.bos_token_id
-        if bos is not None and getattr(tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos) and not (
-                pieces and pieces[0].text.startswith(tokenizer.bos_token or "\0")):
+        if (
+            bos is not None
+            and getattr(tokenizer, "add_bos_token", False)
+            and (not ids or ids[0] != bos)
+            and not (pieces and pieces[0].text.startswith(tokenizer.bos_token or "\0"))
+        ):
             ids, labels = [bos] + ids, [-100] + labels
             spans = [[i + 1 for i in span] for span in spans]
         question = [0] * len(ids)
@@ -352,8 +424,13 @@ class WSIProcessor(ProcessorMixin):
                 question[i] = int(ids[i] != slide_id)
         return ids, labels, question
 
-    def build_instruction_example(self, conversation: Sequence[dict[str, str]], max_length: int | None = None,
-                                  source: str = "example", with_slide: bool = True) -> dict[str, list[int]]:
+    def build_instruction_example(
+        self,
+        conversation: Sequence[dict[str, str]],
+        max_length: int | None = None,
+        source: str = "example",
+        with_slide: bool = True,
+    ) -> dict[str, list[int]]:
         """Token ids, labels and question mask for one training conversation.
 
         Labels are -100 everywhere but the assistant replies. ``question_mask`` marks the tokens of the question
@@ -362,16 +439,19 @@ class WSIProcessor(ProcessorMixin):
         when the slide placeholder or the whole first answer would be lost, never a silent shape mismatch.
         ``with_slide=False`` builds the same example without the placeholder (the text-only baseline).
         """
-        slide_id = self.slide_token_id if with_slide else self._require_tokenizer().get_vocab().get(
-            self.slide_token, -1)
+        slide_id = (
+            self.slide_token_id if with_slide else self._require_tokenizer().get_vocab().get(self.slide_token, -1)
+        )
         pieces = self.prompt_pieces(conversation, with_slide=with_slide)
         first_answer = next((i for i, p in enumerate(pieces) if p.trained), len(pieces))
         questions_before = sum(len(p.questions) for p in pieces[:first_answer])
         ids, labels, question = self._tokenize_pieces(pieces, max(questions_before - 1, 0))
         if ids.count(slide_id) != int(with_slide):
-            raise PromptError(f"{source}: the prompt must contain the slide placeholder {self.slide_token!r} "
-                              f"{'exactly once' if with_slide else 'never (text only)'}, found {ids.count(slide_id)} "
-                              "(is it also written in the question?).")
+            raise PromptError(
+                f"{source}: the prompt must contain the slide placeholder {self.slide_token!r} "
+                f"{'exactly once' if with_slide else 'never (text only)'}, found {ids.count(slide_id)} "
+                "(is it also written in the question?)."
+            )
         full_length = len(ids)
         limit = max_length or self.max_length
         if limit is not None and len(ids) > limit:
@@ -379,14 +459,17 @@ class WSIProcessor(ProcessorMixin):
             if with_slide and slide_id not in ids:
                 raise PromptError(f"{source}: max_length={limit} cuts off the slide placeholder; raise max_length.")
             if all(label == -100 for label in labels):
-                raise PromptError(f"{source}: max_length={limit} cuts off the whole answer (the example is "
-                                  f"{full_length} tokens); raise max_length or shorten the question.")
+                raise PromptError(
+                    f"{source}: max_length={limit} cuts off the whole answer (the example is "
+                    f"{full_length} tokens); raise max_length or shorten the question."
+                )
         if all(label == -100 for label in labels):
             raise PromptError(f"{source}: the conversation has no answer tokens to train on.")
         return {"input_ids": ids, "labels": labels, "question_mask": question}
 
-    def build_generation_example(self, question: str | Sequence[dict[str, str]], with_slide: bool = True
-                                 ) -> dict[str, list[int]]:
+    def build_generation_example(
+        self, question: str | Sequence[dict[str, str]], with_slide: bool = True
+    ) -> dict[str, list[int]]:
         """Token ids and question mask of a generation prompt: the conversation so far (a question, or turns ending
         with a user turn) plus the assistant prefix. The ids equal the training ids of the same turns up to the
         first answer token, and the question mask marks the last user question."""

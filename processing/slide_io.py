@@ -19,9 +19,10 @@ and (lazily, inside a ``try``) h5py.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -68,11 +69,12 @@ class SlideFeatures:
     def feature_dim(self) -> int:
         return int(self.features.shape[1])
 
-    def select(self, indices: np.ndarray | torch.Tensor | Sequence[int]) -> "SlideFeatures":
+    def select(self, indices: np.ndarray | torch.Tensor | Sequence[int]) -> SlideFeatures:
         """A new ``SlideFeatures`` holding only ``indices`` (in the given order)."""
         index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return SlideFeatures(self.features[index], self.coords[index], self.patch_size_level0, self.path,
-                             self.source_layout)
+        return SlideFeatures(
+            self.features[index], self.coords[index], self.patch_size_level0, self.path, self.source_layout
+        )
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -81,40 +83,51 @@ def _require_h5py() -> None:
         raise ImportError("Reading slide files needs h5py: pip install h5py")
 
 
-def open_slide_file(path: Path) -> "h5py.File":
+def open_slide_file(path: Path) -> h5py.File:
     """The slide file opened read-only, or :class:`SlideFormatError` saying why it cannot be (missing, a folder,
     not HDF5, truncated)."""
     _require_h5py()
     if not path.exists():
-        raise SlideFormatError(f"{path}: file not found. Check the h5_path column / h5_root (paths are resolved "
-                               "against the annotation file's folder unless h5_root is given).")
+        raise SlideFormatError(
+            f"{path}: file not found. Check the h5_path column / h5_root (paths are resolved "
+            "against the annotation file's folder unless h5_root is given)."
+        )
     if path.is_dir():
         raise SlideFormatError(f"{path}: is a directory, expected an H5 feature file.")
     if not h5py.is_hdf5(path):
-        raise SlideFormatError(f"{path}: not an HDF5 file (a .pt/.npy file renamed, or an incomplete download). "
-                               "Re-export the tile features with h5py (datasets 'features' and 'coords').")
+        raise SlideFormatError(
+            f"{path}: not an HDF5 file (a .pt/.npy file renamed, or an incomplete download). "
+            "Re-export the tile features with h5py (datasets 'features' and 'coords')."
+        )
     try:
         return h5py.File(path, "r")
     except OSError as err:
-        raise SlideFormatError(f"{path}: HDF5 file cannot be opened ({err}); it is probably truncated or was "
-                               "still being written. Re-run feature extraction for this slide.") from err
+        raise SlideFormatError(
+            f"{path}: HDF5 file cannot be opened ({err}); it is probably truncated or was "
+            "still being written. Re-run feature extraction for this slide."
+        ) from err
 
 
-def features_dataset(f: "h5py.File", path: Path) -> "h5py.Dataset":
+def features_dataset(f: h5py.File, path: Path) -> h5py.Dataset:
     """The file's ``features`` dataset, checked to be a non-empty float ``[N, D]`` array (its values are not read)."""
     if "features" not in f or not isinstance(f["features"], h5py.Dataset):
-        raise SlideFormatError(f"{path}: no 'features' dataset (found keys {sorted(f.keys())}). Store tile "
-                               "features as a dataset named 'features' of shape [N, D].")
+        raise SlideFormatError(
+            f"{path}: no 'features' dataset (found keys {sorted(f.keys())}). Store tile "
+            "features as a dataset named 'features' of shape [N, D]."
+        )
     ds = f["features"]
     if ds.ndim != 2:
         hint = " Drop the leading batch axis (features[0]) when writing." if ds.ndim == 3 and ds.shape[0] == 1 else ""
-        raise SlideFormatError(f"{path}: 'features' has shape {ds.shape} (rank {ds.ndim}); expected rank 2 "
-                               f"[N, D].{hint}")
+        raise SlideFormatError(
+            f"{path}: 'features' has shape {ds.shape} (rank {ds.ndim}); expected rank 2 [N, D].{hint}"
+        )
     if ds.dtype.kind != "f":
         raise SlideFormatError(f"{path}: 'features' has dtype {ds.dtype}; expected float16/float32/float64.")
     if ds.shape[0] == 0:
-        raise SlideFormatError(f"{path}: 'features' has no tiles (N = 0). The slide had no tissue tiles: remove "
-                               "it from the annotation file or re-run tiling with a lower tissue threshold.")
+        raise SlideFormatError(
+            f"{path}: 'features' has no tiles (N = 0). The slide had no tissue tiles: remove "
+            "it from the annotation file or re-run tiling with a lower tissue threshold."
+        )
     if ds.shape[1] == 0:
         raise SlideFormatError(f"{path}: 'features' has feature dimension 0.")
     return ds
@@ -131,7 +144,7 @@ def _clam_patch_size_level0(attrs) -> int | None:
     return None
 
 
-def read_coords(f: "h5py.File", path: Path, num_tiles: int) -> tuple[np.ndarray, str, int | None]:
+def read_coords(f: h5py.File, path: Path, num_tiles: int) -> tuple[np.ndarray, str, int | None]:
     """Canonical (x, y) int64 coordinates, the layout name and the tile size in level-0 pixels (``None`` when the
     file does not say), checked against the ``num_tiles`` feature rows (validity of the values themselves:
     :func:`.coordinates.validate_coords`)."""
@@ -142,21 +155,26 @@ def read_coords(f: "h5py.File", path: Path, num_tiles: int) -> tuple[np.ndarray,
     elif "coords_yx" in f:
         ds, layout, yx = f["coords_yx"], "seed", True
     else:
-        raise SlideFormatError(f"{path}: no tile coordinates (expected a 'coords' (x, y) or 'coords_yx' (y, x) "
-                               f"dataset; found keys {sorted(f.keys())}). Save the tile coordinates next to "
-                               "the features.")
+        raise SlideFormatError(
+            f"{path}: no tile coordinates (expected a 'coords' (x, y) or 'coords_yx' (y, x) "
+            f"dataset; found keys {sorted(f.keys())}). Save the tile coordinates next to "
+            "the features."
+        )
     name = ds.name.lstrip("/")
     if ds.ndim != 2 or ds.shape[1] != 2:
-        raise SlideFormatError(f"{path}: '{name}' has shape {ds.shape}; expected [N, 2] level-0 pixel "
-                               "coordinates.")
+        raise SlideFormatError(f"{path}: '{name}' has shape {ds.shape}; expected [N, 2] level-0 pixel coordinates.")
     if ds.shape[0] != num_tiles:
-        raise SlideFormatError(f"{path}: 'features' has {num_tiles} rows but '{name}' has {ds.shape[0]}; "
-                               "features and coordinates must describe the same tiles, row for row. Re-export "
-                               "both from the same extraction run.")
+        raise SlideFormatError(
+            f"{path}: 'features' has {num_tiles} rows but '{name}' has {ds.shape[0]}; "
+            "features and coordinates must describe the same tiles, row for row. Re-export "
+            "both from the same extraction run."
+        )
     if ds.dtype == np.float16:
-        raise SlideFormatError(f"{path}: '{name}' is stored as float16, which cannot represent level-0 pixel "
-                               "coordinates above 2048 exactly (positions would alias). Store coordinates as "
-                               "int32/int64.")
+        raise SlideFormatError(
+            f"{path}: '{name}' is stored as float16, which cannot represent level-0 pixel "
+            "coordinates above 2048 exactly (positions would alias). Store coordinates as "
+            "int32/int64."
+        )
     raw = ds[()]
     if raw.dtype.kind == "f":
         if not np.isfinite(raw).all():
@@ -179,9 +197,15 @@ def read_coords(f: "h5py.File", path: Path, num_tiles: int) -> tuple[np.ndarray,
     return coords, layout, patch
 
 
-def read_slide(path: str | Path, *, rows: Sequence[int] | np.ndarray | None = None, max_tiles: int | None = None,
-               tile_sampling: str = "all", seed: int | None = None,
-               nonfinite: Literal["raise", "drop"] = "raise") -> SlideFeatures:
+def read_slide(
+    path: str | Path,
+    *,
+    rows: Sequence[int] | np.ndarray | None = None,
+    max_tiles: int | None = None,
+    tile_sampling: str = "all",
+    seed: int | None = None,
+    nonfinite: Literal["raise", "drop"] = "raise",
+) -> SlideFeatures:
     """Read one slide's tile features and coordinates, validated and in canonical form.
 
     Args:
@@ -224,16 +248,19 @@ def read_slide(path: str | Path, *, rows: Sequence[int] | np.ndarray | None = No
         bad_pos = torch.nonzero(~finite).flatten()
         bad_rows = (bad_pos if disk_rows is None else torch.from_numpy(disk_rows)[bad_pos]).tolist()
         if nonfinite != "drop":
-            raise SlideFormatError(f"{path}: {len(bad_rows)} tile(s) have NaN/Inf features (on-disk rows "
-                                   f"{bad_rows[:5]}{'...' if len(bad_rows) > 5 else ''}), often fp16 overflow at "
-                                   "extraction. Re-extract in fp32/bf16, or pass nonfinite='drop' "
-                                   "(--skip-bad-tiles) to drop those tiles.")
+            raise SlideFormatError(
+                f"{path}: {len(bad_rows)} tile(s) have NaN/Inf features (on-disk rows "
+                f"{bad_rows[:5]}{'...' if len(bad_rows) > 5 else ''}), often fp16 overflow at "
+                "extraction. Re-extract in fp32/bf16, or pass nonfinite='drop' "
+                "(--skip-bad-tiles) to drop those tiles."
+            )
         logger.warning("%s: dropping %d tile(s) with NaN/Inf features", path, len(bad_rows))
         features, coords_t = features[finite], coords_t[finite]
         if features.shape[0] == 0:
             raise SlideFormatError(f"{path}: every selected tile has NaN/Inf features; nothing is left.")
-    return SlideFeatures(features=features, coords=coords_t, patch_size_level0=patch, path=str(path),
-                         source_layout=layout)
+    return SlideFeatures(
+        features=features, coords=coords_t, patch_size_level0=patch, path=str(path), source_layout=layout
+    )
 
 
 def slide_num_tiles(path: str | Path) -> int:
@@ -244,9 +271,15 @@ def slide_num_tiles(path: str | Path) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- writing
-def write_slide(path: str | Path, features: np.ndarray | torch.Tensor, coords: np.ndarray | torch.Tensor, *,
-                layout: str = "seed", patch_size_level0: int | None = 256,
-                dtype: str | np.dtype = "float16") -> Path:
+def write_slide(
+    path: str | Path,
+    features: np.ndarray | torch.Tensor,
+    coords: np.ndarray | torch.Tensor,
+    *,
+    layout: str = "seed",
+    patch_size_level0: int | None = 256,
+    dtype: str | np.dtype = "float16",
+) -> Path:
     """Write tile ``features [N, D]`` and ``coords [N, 2]`` **(x, y)** in one of the three layouts.
 
     ``"seed"`` stores ``coords_yx`` (y, x); ``"clam"`` stores ``coords`` (x, y) without attributes;
@@ -270,12 +303,26 @@ def write_slide(path: str | Path, features: np.ndarray | torch.Tensor, coords: n
             ds = f.create_dataset("coords", data=xy)
             if layout == "trident":
                 size = int(patch_size_level0 or 256)
-                ds.attrs.update({"patch_size": size, "patch_size_level0": size, "level0_magnification": 20,
-                                 "target_magnification": 20, "overlap": 0, "name": path.stem})
+                ds.attrs.update(
+                    {
+                        "patch_size": size,
+                        "patch_size_level0": size,
+                        "level0_magnification": 20,
+                        "target_magnification": 20,
+                        "overlap": 0,
+                        "name": path.stem,
+                    }
+                )
     return path
 
 
 __all__ = [
-    "SlideFeatures", "read_slide", "write_slide", "slide_num_tiles", "SOURCE_LAYOUTS", "open_slide_file",
-    "features_dataset", "read_coords",
+    "SlideFeatures",
+    "read_slide",
+    "write_slide",
+    "slide_num_tiles",
+    "SOURCE_LAYOUTS",
+    "open_slide_file",
+    "features_dataset",
+    "read_coords",
 ]

@@ -14,8 +14,9 @@ TileSampling = Literal["all", "uniform", "random"]
 TILE_SAMPLING_STRATEGIES: tuple[str, ...] = ("all", "uniform", "random")
 
 
-def sample_tile_indices(num_tiles: int, max_tiles: int | None, strategy: str = "uniform",
-                        seed: int | None = None) -> np.ndarray:
+def sample_tile_indices(
+    num_tiles: int, max_tiles: int | None, strategy: str = "uniform", seed: int | None = None
+) -> np.ndarray:
     """Positions (sorted, int64) of the tiles to keep among ``num_tiles`` spatially ordered tiles.
 
     * ``"all"``: every tile, no cap.

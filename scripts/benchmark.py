@@ -22,15 +22,19 @@ BENCH_DIR = Path(__file__).resolve().parent / "benchmarks"
 
 
 def available_suites() -> list[str]:
-    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([str(BENCH_DIR)]) if m.name.startswith("bench_"))
+    return sorted(
+        m.name[len("bench_") :] for m in pkgutil.iter_modules([str(BENCH_DIR)]) if m.name.startswith("bench_")
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     suites = available_suites()
     if not argv or argv[0] not in suites:
-        sys.exit(f"usage: python scripts/benchmark.py {{{','.join(suites)}}} [suite options]\n"
-                 f"unknown or missing suite {argv[:1]}; choose one of {suites}")
+        sys.exit(
+            f"usage: python scripts/benchmark.py {{{','.join(suites)}}} [suite options]\n"
+            f"unknown or missing suite {argv[:1]}; choose one of {suites}"
+        )
     # the suites are plain files beside this script, not a package (the installed package never ships them): put
     # their folder on the path so `bench_<suite>` imports; the package itself comes from the installation
     sys.path.insert(0, str(BENCH_DIR))

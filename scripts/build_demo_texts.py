@@ -35,11 +35,15 @@ DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_OUTPUT = REPO_ROOT / "scripts" / "demo_data" / "texts"
 
 # Origins as recorded in the data folders' READMEs (shared/data/{slidebench,wsi-bench}/README.md).
-SLIDEBENCH_ORIGIN = ("github.com/HadiyyaMattummathodi/slidechatplusplus (a fork of github.com/uni-medical/SlideChat "
-                     "holding the files of the Hugging Face dataset General-Medical-AI/SlideChat), commit "
-                     "ecf7a916286a16358048a39fc4e9016047b1c333, folder dataset/SlideBench/")
-WSIBENCH_ORIGIN = ("github.com/XinhengLyu/WSI-LLaVA (official repository), commit "
-                   "4935038d9f1cfb0bd1dfe98c4816cca2163ba200, folder dataset/ (*_test.json)")
+SLIDEBENCH_ORIGIN = (
+    "github.com/HadiyyaMattummathodi/slidechatplusplus (a fork of github.com/uni-medical/SlideChat "
+    "holding the files of the Hugging Face dataset General-Medical-AI/SlideChat), commit "
+    "ecf7a916286a16358048a39fc4e9016047b1c333, folder dataset/SlideBench/"
+)
+WSIBENCH_ORIGIN = (
+    "github.com/XinhengLyu/WSI-LLaVA (official repository), commit "
+    "4935038d9f1cfb0bd1dfe98c4816cca2163ba200, folder dataset/ (*_test.json)"
+)
 WSIBENCH_CHOICE_FILES = ("Diagnosis_choice_test.json", "Morphology_choice_test.json")
 LETTERS = ("A", "B", "C", "D")
 _OPTION_SPLIT = re.compile(r"\s*\b([A-D])\)\s")  # WSI-Bench inlines options as "... A) x B) y C) z D) w"
@@ -50,11 +54,14 @@ _SLIDE_ID = re.compile(r"^TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}-\d{2}[A-Z]-\d{2}-[A-Z]{2}
 class BuildDemoTextsArguments:
     """Options of ``scripts/build_demo_texts.py``."""
 
-    data_root: str = field(default=str(DEFAULT_DATA_ROOT),
-                           metadata={"help": "Folder holding slidebench/ and wsi-bench/ (shared/data)."})
+    data_root: str = field(
+        default=str(DEFAULT_DATA_ROOT), metadata={"help": "Folder holding slidebench/ and wsi-bench/ (shared/data)."}
+    )
     output_dir: str = field(default=str(DEFAULT_OUTPUT), metadata={"help": "Where the JSONL files are written."})
-    classes: list[str] = field(default_factory=lambda: ["BRCA", "LUAD", "COAD", "LGG"],
-                               metadata={"help": "TCGA project codes to keep (well represented in both sources)."})
+    classes: list[str] = field(
+        default_factory=lambda: ["BRCA", "LUAD", "COAD", "LGG"],
+        metadata={"help": "TCGA project codes to keep (well represented in both sources)."},
+    )
     slidebench_per_class: int = field(default=20, metadata={"help": "SlideBench slides kept per class."})
     max_questions_per_slide: int = field(default=4, metadata={"help": "Cap on multiple-choice questions per slide."})
     seed: int = field(default=0, metadata={"help": "Seed of the (deterministic) slide selection."})
@@ -97,21 +104,38 @@ def _slidebench(root: Path, args: BuildDemoTextsArguments) -> tuple[list[dict], 
     for k, label in enumerate(args.classes):
         slides = [s for s, row in captions.items() if row["Tumor"] == label and questions.get(s)]
         if len(slides) < args.slidebench_per_class:
-            raise ValueError(f"SlideBench has only {len(slides)} {label} slides with caption and VQA; "
-                             f"lower --slidebench_per_class (asked {args.slidebench_per_class}).")
+            raise ValueError(
+                f"SlideBench has only {len(slides)} {label} slides with caption and VQA; "
+                f"lower --slidebench_per_class (asked {args.slidebench_per_class})."
+            )
         for slide in _pick(slides, args.slidebench_per_class, args.seed + k):
             row = captions[slide]
             _check_slide_id(slide, "SlideBench-Caption-TCGA.csv")
-            caption_out.append({"source": "SlideBench-Caption-TCGA", "id": f"SlideBench-Caption-TCGA:{row['ID']}",
-                                "slide_id": slide, "case_id": _case_id(slide), "label": label,
-                                "question": row["Question"].strip(), "caption": row["Caption"].strip()})
-            for q in sorted(questions[slide], key=lambda r: int(r["ID"]))[:args.max_questions_per_slide]:
-                vqa_out.append({"source": "SlideBench-VQA-TCGA", "id": f"SlideBench-VQA-TCGA:{q['ID']}",
-                                "slide_id": slide, "case_id": _case_id(slide), "label": label,
-                                "category": f"{q['Broad Category']}/{q['Narrow Category']}",
-                                "question": q["Question"].strip(),
-                                "options": {letter: q[letter].strip() for letter in LETTERS},
-                                "answer": q["Answer"]})
+            caption_out.append(
+                {
+                    "source": "SlideBench-Caption-TCGA",
+                    "id": f"SlideBench-Caption-TCGA:{row['ID']}",
+                    "slide_id": slide,
+                    "case_id": _case_id(slide),
+                    "label": label,
+                    "question": row["Question"].strip(),
+                    "caption": row["Caption"].strip(),
+                }
+            )
+            for q in sorted(questions[slide], key=lambda r: int(r["ID"]))[: args.max_questions_per_slide]:
+                vqa_out.append(
+                    {
+                        "source": "SlideBench-VQA-TCGA",
+                        "id": f"SlideBench-VQA-TCGA:{q['ID']}",
+                        "slide_id": slide,
+                        "case_id": _case_id(slide),
+                        "label": label,
+                        "category": f"{q['Broad Category']}/{q['Narrow Category']}",
+                        "question": q["Question"].strip(),
+                        "options": {letter: q[letter].strip() for letter in LETTERS},
+                        "answer": q["Answer"],
+                    }
+                )
     return caption_out, vqa_out
 
 
@@ -136,30 +160,58 @@ def _wsibench(root: Path, args: BuildDemoTextsArguments, exclude_cases: set[str]
             parsed = _parse_wsibench_choice(human)
             if parsed is None or gpt not in LETTERS:
                 continue  # malformed upstream item (e.g. answer 'B "'): skip rather than repair
-            questions[item["image"]].append({"task": name.removesuffix("_test.json"), "id": item["id"],
-                                             "stem": parsed[0], "options": parsed[1], "answer": gpt})
+            questions[item["image"]].append(
+                {
+                    "task": name.removesuffix("_test.json"),
+                    "id": item["id"],
+                    "stem": parsed[0],
+                    "options": parsed[1],
+                    "answer": gpt,
+                }
+            )
     report_out, vqa_out = [], []
-    for item in sorted(json.loads((task_dir / "1_Report_test.json").read_text(encoding="utf-8")),
-                       key=lambda r: r["image"]):
+    for item in sorted(
+        json.loads((task_dir / "1_Report_test.json").read_text(encoding="utf-8")), key=lambda r: r["image"]
+    ):
         project, filename = item["image"].split("/", 1)
         label = project.removeprefix("TCGA-")
         slide = _check_slide_id(filename.split(".", 1)[0], "WSI-Bench 1_Report_test.json")
         if label not in args.classes or not questions.get(item["image"]) or _case_id(slide) in exclude_cases:
             continue
-        report_out.append({"source": "WSI-Bench-Report", "id": f"WSI-Bench:1_Report_test:{item['id']}",
-                           "slide_id": slide, "case_id": _case_id(slide), "label": label,
-                           "question": item["conversations"][0]["value"].replace("<image>", "").strip(),
-                           "report": item["conversations"][1]["value"].strip()})
-        for q in questions[item["image"]][:args.max_questions_per_slide]:
-            vqa_out.append({"source": "WSI-Bench-" + q["task"], "id": f"WSI-Bench:{q['task']}_test:{q['id']}",
-                            "slide_id": slide, "case_id": _case_id(slide), "label": label, "category": q["task"],
-                            "question": q["stem"], "options": q["options"], "answer": q["answer"]})
+        report_out.append(
+            {
+                "source": "WSI-Bench-Report",
+                "id": f"WSI-Bench:1_Report_test:{item['id']}",
+                "slide_id": slide,
+                "case_id": _case_id(slide),
+                "label": label,
+                "question": item["conversations"][0]["value"].replace("<image>", "").strip(),
+                "report": item["conversations"][1]["value"].strip(),
+            }
+        )
+        for q in questions[item["image"]][: args.max_questions_per_slide]:
+            vqa_out.append(
+                {
+                    "source": "WSI-Bench-" + q["task"],
+                    "id": f"WSI-Bench:{q['task']}_test:{q['id']}",
+                    "slide_id": slide,
+                    "case_id": _case_id(slide),
+                    "label": label,
+                    "category": q["task"],
+                    "question": q["stem"],
+                    "options": q["options"],
+                    "answer": q["answer"],
+                }
+            )
     return report_out, vqa_out
 
 
 def _notice(args: BuildDemoTextsArguments, counts: dict[str, dict[str, int]]) -> str:
-    table = "\n".join(f"| {label} | {counts['captions'].get(label, 0)} | {counts['reports'].get(label, 0)} | "
-                      f"{counts['vqa'].get(label, 0)} |" for label in args.classes)
+    table = "\n".join(
+        f"| {label} | {counts['captions'].get(label, 0)} | {counts['reports'].get(label, 0)} | "
+        f"{counts['vqa'].get(label, 0)} |"
+        for label in args.classes
+    )
     return f"""# Demo texts: origin, licence and citation
 
 These files are a small subset of **real** pathology texts used by the synthetic demo data set
@@ -217,8 +269,12 @@ def build_demo_texts(args: BuildDemoTextsArguments) -> dict[str, Path]:
     reports, wb_vqa = _wsibench(data_root / "wsi-bench", args, {r["case_id"] for r in captions})
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"captions": out / "captions.jsonl", "reports": out / "reports.jsonl", "vqa": out / "vqa.jsonl",
-             "notice": out / "NOTICE.md"}
+    files = {
+        "captions": out / "captions.jsonl",
+        "reports": out / "reports.jsonl",
+        "vqa": out / "vqa.jsonl",
+        "notice": out / "NOTICE.md",
+    }
     records = {"captions": captions, "reports": reports, "vqa": sb_vqa + wb_vqa}
     counts: dict[str, dict[str, int]] = {}
     for name, recs in records.items():

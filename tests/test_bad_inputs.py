@@ -38,8 +38,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO_ROOT, grid_coords
 from processing import AnnotationError, PromptError, WSIDataError, write_slide
+
+from conftest import REPO_ROOT, grid_coords
 from wsiclip_helpers import FEATURE_DIM, make_tiny_demo, save_text_model, write_rows
 
 COLUMNS = ("h5_path", "caption", "case_id", "slide_id", "label", "split")
@@ -71,10 +72,21 @@ def clip_data(tmp_path_factory) -> dict:
 
 
 def clip_argv(data: dict, csv: Path, out: Path, **overrides) -> list[str]:
-    options = {"train_file": csv, "text_model_name_or_path": data["root"] / "text", "slide_tower": "abmil",
-               "slide_config": json.dumps({"hidden_size": 16, "attention_dim": 8}), "projection_dim": 8,
-               "max_tiles": 8, "max_steps": 1, "per_device_train_batch_size": 2, "save_strategy": "no",
-               "report_to": "none", "use_cpu": True, "disable_tqdm": True, "output_dir": out}
+    options = {
+        "train_file": csv,
+        "text_model_name_or_path": data["root"] / "text",
+        "slide_tower": "abmil",
+        "slide_config": json.dumps({"hidden_size": 16, "attention_dim": 8}),
+        "projection_dim": 8,
+        "max_tiles": 8,
+        "max_steps": 1,
+        "per_device_train_batch_size": 2,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "output_dir": out,
+    }
     options.update(overrides)
     return [str(a) for k, v in options.items() for a in (f"--{k}", v)]
 
@@ -90,8 +102,10 @@ def test_train_script_preflight_feature_dim(clip_data, tmp_path):
         load_script("train_clip").main(clip_argv(clip_data, csv, tmp_path / "out", slide_config=config))
     message = str(err.value)
     assert f"{csv}: {len(clip_data['rows'])} of {len(clip_data['rows'])} row(s) failed the pre-flight" in message
-    assert f"row 1: {clip_data['rows'][0]['h5_path']}: tile features have dimension {FEATURE_DIM} but the model " \
-           f"expects {FEATURE_DIM * 2}" in message
+    assert (
+        f"row 1: {clip_data['rows'][0]['h5_path']}: tile features have dimension {FEATURE_DIM} but the model "
+        f"expects {FEATURE_DIM * 2}" in message
+    )
     assert "Use features from the model's tile encoder" in message and "--skip_bad_samples" in message
     assert_no_training_started(tmp_path / "out")
 
@@ -101,8 +115,16 @@ def test_train_script_preflight_grid_and_skip_bad_samples(clip_data, tmp_path, c
     far = grid_coords(12) * 1000  # coordinates at the wrong scale: grid cells far beyond 0..999
     rows[1]["h5_path"] = str(write_slide(tmp_path / "far.h5", np.ones((12, FEATURE_DIM)), far))
     csv = write_rows(tmp_path / "train.csv", rows)
-    tower = json.dumps({"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
-                        "segment_length": [8], "dilated_ratio": [1]})
+    tower = json.dumps(
+        {
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "segment_length": [8],
+            "dilated_ratio": [1],
+        }
+    )
     argv = clip_argv(clip_data, csv, tmp_path / "out", slide_tower="slide_encoder", slide_config=tower)
     script = load_script("train_clip")
     with pytest.raises(WSIDataError) as err:
@@ -131,10 +153,14 @@ def test_empty_question_or_answer(tmp_path):
     from processing import load_annotations
 
     write_slide(tmp_path / "a.h5", np.zeros((3, 2)), grid_coords(3))
-    records = [{"h5_path": "a.h5", "question": "what grade ?", "answer": " "},
-               {"h5_path": "a.h5", "question": "", "answer": "high grade"},
-               {"image": "a.pt", "conversations": [{"from": "human", "value": "<image>\nwhat ?"},
-                                                   {"from": "gpt", "value": ""}]}]
+    records = [
+        {"h5_path": "a.h5", "question": "what grade ?", "answer": " "},
+        {"h5_path": "a.h5", "question": "", "answer": "high grade"},
+        {
+            "image": "a.pt",
+            "conversations": [{"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": ""}],
+        },
+    ]
     path = tmp_path / "qa.json"
     path.write_text(json.dumps(records))
     with pytest.raises(AnnotationError) as err:
@@ -161,17 +187,25 @@ def test_placeholder_absent_from_the_prompt(tmp_path):
     processor = _llava_processor()
     processor.chat_template = "{% for m in messages %}{{ m['role'] }}: ok\n{% endfor %}"  # drops every message text
     slide = write_slide(tmp_path / "s.h5", np.ones((3, 4)), grid_coords(3))
-    row = {"h5_path": str(slide), "row": 7, "conversations": [{"role": "user", "content": "what grade ?"},
-                                                             {"role": "assistant", "content": "high"}]}
+    row = {
+        "h5_path": str(slide),
+        "row": 7,
+        "conversations": [{"role": "user", "content": "what grade ?"}, {"role": "assistant", "content": "high"}],
+    }
     collator = InstructionCollator(processor)
-    with pytest.raises(PromptError, match=rf"{slide} \(annotation row 7\): the prompt must contain the slide "
-                                          r"placeholder '<slide>' exactly once, found 0"):
+    with pytest.raises(
+        PromptError,
+        match=rf"{slide} \(annotation row 7\): the prompt must contain the slide "
+        r"placeholder '<slide>' exactly once, found 0",
+    ):
         collator.example(row)
     with pytest.raises(WSIDataError, match=r"row 7: .*found 0"):  # the pre-flight reports it before training
         preflight_check([row], row_check=collator.example)
     processor.chat_template = None
-    twice = dict(row, conversations=[{"role": "user", "content": "<slide> what <slide> ?"},
-                                     {"role": "assistant", "content": "high"}])
+    twice = dict(
+        row,
+        conversations=[{"role": "user", "content": "<slide> what <slide> ?"}, {"role": "assistant", "content": "high"}],
+    )
     with pytest.raises(PromptError, match="exactly once, found 2 .*also written in the question"):
         collator.example(twice)
 
@@ -186,14 +220,47 @@ def llava_data(tmp_path_factory) -> dict:
 
 
 def llava_argv(data: dict, out: Path, *extra: str) -> list[str]:
-    tower = {"input_dim": 16, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-             "intermediate_size": 32}
-    lm = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-          "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512}
-    return ["--stage", "3", "--train_file", str(data["train"]), "--slide_config", json.dumps(tower),
-            "--language_model_config", json.dumps(lm), "--tokenizer_name_or_path", "word", "--max_tiles", "8",
-            "--max_steps", "1",
-            "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true", "--output_dir", str(out), *extra]
+    tower = {
+        "input_dim": 16,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+    }
+    lm = {
+        "model_type": "llama",
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 512,
+    }
+    return [
+        "--stage",
+        "3",
+        "--train_file",
+        str(data["train"]),
+        "--slide_config",
+        json.dumps(tower),
+        "--language_model_config",
+        json.dumps(lm),
+        "--tokenizer_name_or_path",
+        "word",
+        "--max_tiles",
+        "8",
+        "--max_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "true",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_train_llava_preflight_prompt_truncation(llava_data, tmp_path):
@@ -206,10 +273,16 @@ def test_train_llava_preflight_prompt_truncation(llava_data, tmp_path):
     assert_no_training_started(tmp_path / "out")
 
 
-@pytest.mark.parametrize("pattern, expected", [
-    (r"model\.language_model\..*\.c_attn", r"matches no linear layer .*Fix: adapt the regex"),
-    (r".*(q_proj|fc1)", r"also matches modules outside the language model \(slide tower / projector\).*vision_tower"),
-])
+@pytest.mark.parametrize(
+    "pattern, expected",
+    [
+        (r"model\.language_model\..*\.c_attn", r"matches no linear layer .*Fix: adapt the regex"),
+        (
+            r".*(q_proj|fc1)",
+            r"also matches modules outside the language model \(slide tower / projector\).*vision_tower",
+        ),
+    ],
+)
 def test_train_llava_lora_targets(llava_data, tmp_path, pattern, expected):
     from wsi_llava.assembly import LoraTargetError
 
@@ -221,8 +294,15 @@ def test_train_llava_lora_targets(llava_data, tmp_path, pattern, expected):
 def _tiny_tower_folder(folder: Path) -> Path:
     from wsi_clip import SlideEncoderConfig, SlideEncoderModel
 
-    config = SlideEncoderConfig(input_dim=FEATURE_DIM, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32, segment_length=[8], dilated_ratio=[1])
+    config = SlideEncoderConfig(
+        input_dim=FEATURE_DIM,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        segment_length=[8],
+        dilated_ratio=[1],
+    )
     SlideEncoderModel(config).save_pretrained(folder)
     return folder
 
@@ -234,20 +314,26 @@ def test_checkpoint_folders_missing_files(llava_data, tmp_path):
     tower = _tiny_tower_folder(tmp_path / "tower")
     (tower / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=rf"{tower}: no \*.safetensors weights .*Re-save it"):
-        load_script("train_llava").main(llava_argv(llava_data, tmp_path / "out", "--slide_encoder_name_or_path",
-                                                   str(tower)))
+        load_script("train_llava").main(
+            llava_argv(llava_data, tmp_path / "out", "--slide_encoder_name_or_path", str(tower))
+        )
 
     # a resume checkpoint whose save was cut short: refused by path, skipped by "auto"
     out = tmp_path / "run"
-    for step, files in ((2, ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")),
-                        (4, ("model.safetensors",))):
+    for step, files in (
+        (2, ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")),
+        (4, ("model.safetensors",)),
+    ):
         folder = out / f"checkpoint-{step}"
         folder.mkdir(parents=True)
         for name in files:
             (folder / name).write_bytes(b"x")
         (folder / "trainer_state.json").write_text("{}")
-    with pytest.raises(CheckpointError, match=r"checkpoint-4: not a complete training checkpoint: no optimizer.pt.*"
-                                              r"no scheduler.pt.*no rng_state\*.pth.*--resume_from_checkpoint auto"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint-4: not a complete training checkpoint: no optimizer.pt.*"
+        r"no scheduler.pt.*no rng_state\*.pth.*--resume_from_checkpoint auto",
+    ):
         resolve_resume_checkpoint(str(out / "checkpoint-4"), out)
     assert resolve_resume_checkpoint("auto", out) == str(out / "checkpoint-2")
     assert resolve_resume_checkpoint(True, tmp_path / "empty") is None  # nothing yet: start from scratch

@@ -9,8 +9,10 @@ import sys
 
 
 def _modules_after(code: str) -> dict:
-    probe = (f"import sys, json\n{code}\n"
-             "print(json.dumps({m: (m in sys.modules) for m in ('datasets', 'transformers', 'h5py', 'peft')}))")
+    probe = (
+        f"import sys, json\n{code}\n"
+        "print(json.dumps({m: (m in sys.modules) for m in ('datasets', 'transformers', 'h5py', 'peft')}))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -22,17 +24,19 @@ def test_import_processing_is_lazy():
 
 
 def test_import_processing_alone_makes_auto_processor_return_a_wsi_processor(tmp_path):
-    from conftest import build_tiny_tokenizer
-
     from processing import WSIProcessor
 
+    from conftest import build_tiny_tokenizer
+
     WSIProcessor(tokenizer=build_tiny_tokenizer()).save_pretrained(tmp_path)
-    code = ("import os; os.environ['HF_HUB_OFFLINE'] = '1'\n"
-            "import processing\n"
-            "from transformers import AutoProcessor\n"
-            f"processor = AutoProcessor.from_pretrained({str(tmp_path)!r})\n"
-            "assert type(processor) is processing.WSIProcessor, type(processor)\n"
-            "assert 'wsi_clip' not in __import__('sys').modules")
+    code = (
+        "import os; os.environ['HF_HUB_OFFLINE'] = '1'\n"
+        "import processing\n"
+        "from transformers import AutoProcessor\n"
+        f"processor = AutoProcessor.from_pretrained({str(tmp_path)!r})\n"
+        "assert type(processor) is processing.WSIProcessor, type(processor)\n"
+        "assert 'wsi_clip' not in __import__('sys').modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -43,17 +47,19 @@ def test_lazy_names_resolve():
 
 
 def test_import_model_packages_builds_nothing_and_needs_no_network():
-    code = ("import os; os.environ['HF_HUB_OFFLINE'] = '1'\n"
-            "import torch.nn as nn\n"
-            "built = []\n"
-            "orig = nn.Module.__init__\n"
-            "def spy(self, *a, **k):\n"
-            "    orig(self, *a, **k)\n"
-            "    if type(self).__module__.split('.')[0] in ('wsi_clip', 'wsi_llava', 'processing') or isinstance(\n"
-            "            self, (nn.Linear, nn.Embedding, nn.LayerNorm)):\n"
-            "        built.append(type(self).__name__)\n"
-            "nn.Module.__init__ = spy\n"
-            "import wsi_clip, wsi_llava, processing\n"
-            "nn.Linear(2, 2)\n"
-            "assert built == ['Linear'], built  # only the probe's own Linear: importing built nothing")
+    code = (
+        "import os; os.environ['HF_HUB_OFFLINE'] = '1'\n"
+        "import torch.nn as nn\n"
+        "built = []\n"
+        "orig = nn.Module.__init__\n"
+        "def spy(self, *a, **k):\n"
+        "    orig(self, *a, **k)\n"
+        "    if type(self).__module__.split('.')[0] in ('wsi_clip', 'wsi_llava', 'processing') or isinstance(\n"
+        "            self, (nn.Linear, nn.Embedding, nn.LayerNorm)):\n"
+        "        built.append(type(self).__name__)\n"
+        "nn.Module.__init__ = spy\n"
+        "import wsi_clip, wsi_llava, processing\n"
+        "nn.Linear(2, 2)\n"
+        "assert built == ['Linear'], built  # only the probe's own Linear: importing built nothing"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

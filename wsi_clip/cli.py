@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from transformers import HfArgumentParser
 
@@ -71,8 +72,9 @@ def parse_mapping(value: Any, name: str) -> dict[str, Any]:
         except yaml.YAMLError as err:
             raise ValueError(f"{source} is neither a JSON / YAML mapping nor a JSON / YAML file ({err}).") from err
     if not isinstance(parsed, dict):
-        raise ValueError(f"{source} must be a JSON / YAML mapping (or a file holding one), got "
-                         f"{type(parsed).__name__}: {value!r}.")
+        raise ValueError(
+            f"{source} must be a JSON / YAML mapping (or a file holding one), got {type(parsed).__name__}: {value!r}."
+        )
     return parsed
 
 
@@ -82,8 +84,12 @@ def _renames_for(parser: HfArgumentParser) -> dict[str, str]:
 
 
 def _deprecated(old: str, new: str, where: str) -> None:
-    warnings.warn(f"{where}: '{old}' was renamed to '{new}' (same meaning); the old name still works for now but "
-                  f"will be removed: use {new}.", FutureWarning, stacklevel=4)
+    warnings.warn(
+        f"{where}: '{old}' was renamed to '{new}' (same meaning); the old name still works for now but "
+        f"will be removed: use {new}.",
+        FutureWarning,
+        stacklevel=4,
+    )
 
 
 def rename_deprecated_flags(argv: Sequence[str], renames: Mapping[str, str]) -> list[str]:
@@ -115,14 +121,17 @@ def _read_config(path: Path, parser: HfArgumentParser, command: str, renames: Ma
     for old in [k for k in values if k in renames]:
         new = renames[old]
         if new in values:
-            raise ValueError(f"{path}: both '{old}' and '{new}' are set; '{old}' is the old name of '{new}': "
-                             "keep only the new one.")
+            raise ValueError(
+                f"{path}: both '{old}' and '{new}' are set; '{old}' is the old name of '{new}': keep only the new one."
+            )
         _deprecated(old, new, str(path))
         values[new] = values.pop(old)
     unknown = sorted(set(values) - {action.dest for action in parser._actions})
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys are the options listed by "
-                         f"`{command} --help` (without the leading --).")
+        raise ValueError(
+            f"{path}: unknown key(s) {unknown}; valid keys are the options listed by "
+            f"`{command} --help` (without the leading --)."
+        )
     return values
 
 
@@ -169,5 +178,12 @@ def exit_status(result: Any) -> int:
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
-__all__ = ["parse_args_with_config", "parse_command_line", "parse_mapping", "rename_deprecated_flags",
-           "RENAMED_OPTIONS", "setup_logging", "exit_status"]
+__all__ = [
+    "parse_args_with_config",
+    "parse_command_line",
+    "parse_mapping",
+    "rename_deprecated_flags",
+    "RENAMED_OPTIONS",
+    "setup_logging",
+    "exit_status",
+]

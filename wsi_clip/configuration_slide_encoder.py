@@ -23,16 +23,18 @@ def gigapath_segment_length(max_wsi_size: int, tile_size: int, num_branches: int
     to ``stop``), so the defaults give ``[1024, 5792, 32768, 185363, 1048576]``.
     """
     if max_wsi_size < tile_size or tile_size <= 0:
-        raise ValueError(f"max_wsi_size={max_wsi_size} must be >= tile_size={tile_size} > 0 (both in the same pixel "
-                         "frame as the coordinates, e.g. 262144 and 256 for Prov-GigaPath).")
+        raise ValueError(
+            f"max_wsi_size={max_wsi_size} must be >= tile_size={tile_size} > 0 (both in the same pixel "
+            "frame as the coordinates, e.g. 262144 and 256 for Prov-GigaPath)."
+        )
     max_seq_len = (max_wsi_size // tile_size) ** 2
     start, stop = math.log2(1024), float(int(math.log2(float(max_seq_len))))
     if num_branches == 1:
-        return [int(2.0 ** start)]
+        return [int(2.0**start)]
     step = (stop - start) / (num_branches - 1)
     exponents = [float(i) * step + start for i in range(num_branches)]
     exponents[-1] = stop
-    return [int(2.0 ** e) for e in exponents]
+    return [int(2.0**e) for e in exponents]
 
 
 class SlideEncoderConfig(PretrainedConfig):
@@ -63,8 +65,12 @@ class SlideEncoderConfig(PretrainedConfig):
     """
 
     model_type = "wsi_slide_encoder"
-    attribute_map = {"embed_dim": "hidden_size", "depth": "num_hidden_layers", "num_heads": "num_attention_heads",
-                     "in_chans": "input_dim"}
+    attribute_map = {
+        "embed_dim": "hidden_size",
+        "depth": "num_hidden_layers",
+        "num_heads": "num_attention_heads",
+        "in_chans": "input_dim",
+    }
 
     input_dim: int = 1536
     hidden_size: int = 768
@@ -97,19 +103,27 @@ class SlideEncoderConfig(PretrainedConfig):
 
     def _check(self) -> None:
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
-                             f"{self.num_attention_heads}; choose heads that divide the width (upstream: 16).")
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+                f"{self.num_attention_heads}; choose heads that divide the width (upstream: 16)."
+            )
         if self.hidden_size % 4:
             raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of 4 for the 2-D sin-cos positions.")
         if len(self.segment_length) != len(self.dilated_ratio) or not self.segment_length:
-            raise ValueError(f"segment_length {self.segment_length} and dilated_ratio {self.dilated_ratio} must be "
-                             "non-empty lists of the same length (one entry per attention branch).")
+            raise ValueError(
+                f"segment_length {self.segment_length} and dilated_ratio {self.dilated_ratio} must be "
+                "non-empty lists of the same length (one entry per attention branch)."
+            )
         if min(self.segment_length) < 1 or min(self.dilated_ratio) < 1:
-            raise ValueError(f"segment_length {self.segment_length} and dilated_ratio {self.dilated_ratio} must be "
-                             "positive integers.")
+            raise ValueError(
+                f"segment_length {self.segment_length} and dilated_ratio {self.dilated_ratio} must be "
+                "positive integers."
+            )
         if self.pooling not in POOLING_MODES:
-            raise ValueError(f"pooling={self.pooling!r} is not one of {POOLING_MODES}: 'cls' is upstream "
-                             "global_pool=False, 'mean' is global_pool=True.")
+            raise ValueError(
+                f"pooling={self.pooling!r} is not one of {POOLING_MODES}: 'cls' is upstream "
+                "global_pool=False, 'mean' is global_pool=True."
+            )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}.")
         if self.tile_size <= 0 or self.slide_ngrids <= 0:

@@ -48,8 +48,10 @@ class ABMILConfig(PretrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if min(self.input_dim, self.hidden_size, self.attention_dim) < 1 or self.num_tile_layers < 1:
-            raise ValueError(f"ABMILConfig: input_dim={self.input_dim}, hidden_size={self.hidden_size}, attention_dim="
-                             f"{self.attention_dim} and num_tile_layers={self.num_tile_layers} must be positive.")
+            raise ValueError(
+                f"ABMILConfig: input_dim={self.input_dim}, hidden_size={self.hidden_size}, attention_dim="
+                f"{self.attention_dim} and num_tile_layers={self.num_tile_layers} must be positive."
+            )
 
 
 class MeanPoolingConfig(PretrainedConfig):
@@ -81,8 +83,9 @@ _TOWER_BY_MODEL_TYPE = {cls.model_type: name for name, cls in SLIDE_TOWERS.items
 
 def slide_tower_name(slide_config: PretrainedConfig | dict) -> str | None:
     """``"slide_encoder"`` / ``"abmil"`` / ``"mean"`` for a slide config (object or dict), ``None`` if unknown."""
-    model_type = slide_config.get("model_type") if isinstance(slide_config, dict) else getattr(
-        slide_config, "model_type", None)
+    model_type = (
+        slide_config.get("model_type") if isinstance(slide_config, dict) else getattr(slide_config, "model_type", None)
+    )
     return _TOWER_BY_MODEL_TYPE.get(model_type)
 
 
@@ -95,8 +98,9 @@ class WSIClipConfig(PretrainedConfig):
     r"""WSI-CLIP: slide tower + text encoder + linear projections + learnable temperature.
 
     Args:
-        slide_tower: which slide tower to build: ``"slide_encoder"`` (Prov-GigaPath LongNet, :class:`SlideEncoderConfig`),
-            ``"abmil"`` (gated attention MIL, :class:`ABMILConfig`) or ``"mean"`` (:class:`MeanPoolingConfig`).
+        slide_tower: which slide tower to build: ``"slide_encoder"`` (Prov-GigaPath LongNet,
+            :class:`SlideEncoderConfig`), ``"abmil"`` (gated attention MIL, :class:`ABMILConfig`) or ``"mean"``
+            (:class:`MeanPoolingConfig`).
             When ``slide_config`` carries a ``model_type`` (a config object, or a dict read from ``config.json``),
             that ``model_type`` decides and ``slide_tower`` is set to match.
         slide_config: the slide tower's config (object or dict; ``None`` = the tower's defaults).
@@ -107,7 +111,8 @@ class WSIClipConfig(PretrainedConfig):
             sentence-transformers encoders such as all-MiniLM-L6-v2), ``"cls"`` (first token of the last layer) or
             ``"pooler"`` (the encoder's own pooler output, e.g. BERT's tanh head).
         logit_scale_init_value: initial ``log`` of the inverse temperature, ``log(1 / 0.07)`` as in CLIP.
-        logit_scale_max: upper bound of ``logit_scale`` (``log(100)`` as in CLIP); ``None`` disables the clamp. The model
+        logit_scale_max: upper bound of ``logit_scale`` (``log(100)`` as in CLIP); ``None`` disables the clamp.
+            The model
             clamps in ``forward``; :class:`~wsi_clip.trainer.WSIClipTrainer` also clamps the parameter after each step.
         text_to_slide_loss: ``"soft"`` (soft-target cross-entropy over the case's slides, symmetric with slide→text)
             or ``"mil_nce"`` (only the best-matching slides need to match the report).
@@ -135,8 +140,9 @@ class WSIClipConfig(PretrainedConfig):
         if self.text_pooling not in TEXT_POOLING_MODES:
             raise ValueError(f"WSIClipConfig: text_pooling={self.text_pooling!r} is not one of {TEXT_POOLING_MODES}.")
         if self.text_to_slide_loss not in TEXT_TO_SLIDE_LOSSES:
-            raise ValueError(f"WSIClipConfig: text_to_slide_loss={self.text_to_slide_loss!r} is not one of "
-                             f"{TEXT_TO_SLIDE_LOSSES}.")
+            raise ValueError(
+                f"WSIClipConfig: text_to_slide_loss={self.text_to_slide_loss!r} is not one of {TEXT_TO_SLIDE_LOSSES}."
+            )
         if self.projection_dim < 1:
             raise ValueError(f"WSIClipConfig: projection_dim={self.projection_dim} must be positive.")
 
@@ -144,14 +150,21 @@ class WSIClipConfig(PretrainedConfig):
     def _build_slide_config(slide_tower: str, slide_config: Any) -> PretrainedConfig:
         """Slide config object of the right class: ``slide_config``'s ``model_type`` wins over ``slide_tower``."""
         if slide_config is not None and not isinstance(slide_config, (dict, PretrainedConfig)):
-            raise TypeError(f"WSIClipConfig: slide_config must be a dict, a config object or None, got "
-                            f"{type(slide_config).__name__}.")
+            raise TypeError(
+                f"WSIClipConfig: slide_config must be a dict, a config object or None, got "
+                f"{type(slide_config).__name__}."
+            )
         name = slide_tower_name(slide_config) if slide_config is not None else None
-        if slide_config is not None and name is None and (
-                isinstance(slide_config, PretrainedConfig) or "model_type" in slide_config):
+        if (
+            slide_config is not None
+            and name is None
+            and (isinstance(slide_config, PretrainedConfig) or "model_type" in slide_config)
+        ):
             found = getattr(slide_config, "model_type", None) or slide_config.get("model_type")
-            raise ValueError(f"WSIClipConfig: slide_config has model_type {found!r}; expected one of "
-                             f"{sorted(_TOWER_BY_MODEL_TYPE)} (slide_tower {sorted(SLIDE_TOWERS)}).")
+            raise ValueError(
+                f"WSIClipConfig: slide_config has model_type {found!r}; expected one of "
+                f"{sorted(_TOWER_BY_MODEL_TYPE)} (slide_tower {sorted(SLIDE_TOWERS)})."
+            )
         name = name or slide_tower
         if name not in SLIDE_TOWERS:
             raise ValueError(f"WSIClipConfig: slide_tower={name!r} is not one of {sorted(SLIDE_TOWERS)}.")
@@ -166,5 +179,13 @@ class WSIClipConfig(PretrainedConfig):
         return slide_output_dim(self.slide_config)
 
 
-__all__ = ["WSIClipConfig", "ABMILConfig", "MeanPoolingConfig", "SLIDE_TOWERS", "TEXT_POOLING_MODES",
-           "TEXT_TO_SLIDE_LOSSES", "slide_tower_name", "slide_output_dim"]
+__all__ = [
+    "WSIClipConfig",
+    "ABMILConfig",
+    "MeanPoolingConfig",
+    "SLIDE_TOWERS",
+    "TEXT_POOLING_MODES",
+    "TEXT_TO_SLIDE_LOSSES",
+    "slide_tower_name",
+    "slide_output_dim",
+]

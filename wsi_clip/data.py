@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -34,8 +35,9 @@ class WSIClipCollator(ContrastiveCollator):
         batch = super().__call__(rows)
         if self.class_names is not None:
             index = {str(name): i for i, name in enumerate(self.class_names)}
-            batch["class_labels"] = torch.tensor([index.get(str(row.get(self.label_column, "")), -1) for row in rows],
-                                                 dtype=torch.long)
+            batch["class_labels"] = torch.tensor(
+                [index.get(str(row.get(self.label_column, "")), -1) for row in rows], dtype=torch.long
+            )
         return batch
 
 
@@ -57,7 +59,9 @@ class CaseGroupedSampler(Sampler[int]):
 
     def __init__(self, case_ids: Sequence[Any], batch_size: int, num_replicas: int = 1, seed: int = 0):
         if batch_size < 1 or num_replicas < 1:
-            raise ValueError(f"CaseGroupedSampler: batch_size={batch_size} and num_replicas={num_replicas} must be >= 1.")
+            raise ValueError(
+                f"CaseGroupedSampler: batch_size={batch_size} and num_replicas={num_replicas} must be >= 1."
+            )
         groups: OrderedDict[str, list[int]] = OrderedDict()
         for index, case in enumerate(case_ids):
             groups.setdefault(str(case), []).append(index)
@@ -66,15 +70,21 @@ class CaseGroupedSampler(Sampler[int]):
         for members in groups.values():
             if len(members) > batch_size:
                 oversized += 1
-            self.cases.extend(members[i:i + batch_size] for i in range(0, len(members), batch_size))
+            self.cases.extend(members[i : i + batch_size] for i in range(0, len(members), batch_size))
         if oversized:
-            logger.warning("CaseGroupedSampler: %d case(s) have more slides than batch_size=%d and are split over "
-                           "batches; raise per_device_train_batch_size to keep them whole.", oversized, batch_size)
+            logger.warning(
+                "CaseGroupedSampler: %d case(s) have more slides than batch_size=%d and are split over "
+                "batches; raise per_device_train_batch_size to keep them whole.",
+                oversized,
+                batch_size,
+            )
         self.batch_size, self.num_replicas, self.seed, self.epoch = batch_size, num_replicas, seed, 0
         self.num_batches = (len(self._pack(0)) // num_replicas) * num_replicas
         if self.num_batches == 0:
-            raise ValueError(f"CaseGroupedSampler: {len(case_ids)} slides in {len(groups)} cases cannot fill "
-                             f"{num_replicas} batch(es) of {batch_size} slides; lower the batch size or add data.")
+            raise ValueError(
+                f"CaseGroupedSampler: {len(case_ids)} slides in {len(groups)} cases cannot fill "
+                f"{num_replicas} batch(es) of {batch_size} slides; lower the batch size or add data."
+            )
 
     def _pack(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + epoch)

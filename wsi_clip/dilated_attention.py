@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,20 +56,20 @@ def chunked_attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor,
     q, k, v (the lse is only used for the detached branch merge).
     """
     batch, heads, length, head_dim = q.shape
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     rows = max(1, CHUNK_SCORE_ELEMENTS // max(1, batch * heads * k.shape[-2]))
     kt = k.float().transpose(-1, -2)  # [B, H, d, l]
     vf = v.float()
     outs, lses = [], []
     for start in range(0, length, rows):
-        scores = torch.matmul(q[:, :, start:start + rows].float() * scale, kt)  # [B, H, rows, l]
+        scores = torch.matmul(q[:, :, start : start + rows].float() * scale, kt)  # [B, H, rows, l]
         lse = torch.logsumexp(scores, dim=-1)  # [B, H, rows]
         outs.append(torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), vf).to(v.dtype))
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2).detach()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flash_attn_func() -> Callable | None:
     """The flash-attn package's ``flash_attn_func`` when it is installed (optional, never required), else ``None``."""
     try:
@@ -82,8 +82,9 @@ def _flash_attn_func() -> Callable | None:
 def _flash_attn_with_lse(flash_attn_func: Callable, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """The original's call: ``flash_attn_func(..., return_attn_probs=True)`` on ``[B, l, H, d]`` gives the output and
     the log-sum-exp ``[B, H, l]`` (older releases round the lse length up: cut to l)."""
-    out, lse, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.0,
-                                  causal=False, return_attn_probs=True)
+    out, lse, _ = flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.0, causal=False, return_attn_probs=True
+    )
     return out.transpose(1, 2), lse[..., : q.shape[-2]]
 
 
@@ -111,8 +112,9 @@ def _fused_allowed(q: Tensor, backend: str) -> bool:
     return backend == "fused" or (backend == "auto" and (q.device.type, q.dtype) not in _FUSED_FAILED)
 
 
-def _try_fused(q: Tensor, backend: str, call: Callable[[], tuple[Tensor, Tensor] | None]
-               ) -> tuple[Tensor, Tensor] | None:
+def _try_fused(
+    q: Tensor, backend: str, call: Callable[[], tuple[Tensor, Tensor] | None]
+) -> tuple[Tensor, Tensor] | None:
     """``call()``; with ``backend="auto"`` a kernel error (not out-of-memory) returns ``None`` and disables the fused
     kernel for q's device/dtype once and for all, so the caller falls back to the portable path."""
     try:
@@ -138,8 +140,10 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -
         if result is not None:
             return result[0], result[1].float()
         if backend == "fused":
-            raise RuntimeError(f"attention_backend='fused' has no kernel for device {q.device.type!r}; "
-                               "use attention_backend='auto' or 'chunked'.")
+            raise RuntimeError(
+                f"attention_backend='fused' has no kernel for device {q.device.type!r}; "
+                "use attention_backend='auto' or 'chunked'."
+            )
     return chunked_attention_with_lse(q, k, v)
 
 
@@ -174,11 +178,12 @@ def _dilate(x: Tensor, seg: int, ratio: int, scratch: Tensor | None = None) -> T
     dest_by_pos = dest.permute(0, 3, 2, 4, 1)  # [G*m, l, g, d, r]
     if full:
         dest_by_pos[:, :full].copy_(
-            x[:, : full * ratio].view(groups * m, full, ratio, ratio, g, head_dim).diagonal(dim1=2, dim2=3))
+            x[:, : full * ratio].view(groups * m, full, ratio, ratio, g, head_dim).diagonal(dim1=2, dim2=3)
+        )
     if rem:
         last = dest_by_pos[:, full]  # [G*m, g, d, r]: groups j >= rem see a zero pad
         last.zero_()
-        last[..., :rem].copy_(x[:, full * ratio:].view(groups * m, rem, ratio, g, head_dim).diagonal(dim1=1, dim2=2))
+        last[..., :rem].copy_(x[:, full * ratio :].view(groups * m, rem, ratio, g, head_dim).diagonal(dim1=1, dim2=2))
     return dest.view(groups * m, heads, length_r, head_dim)
 
 
@@ -198,7 +203,7 @@ def _region(buf: Tensor, start: int, m: int, seg_r: int, ratio: int, heads: int)
     heads that sparse head ``j*g + h``, index ``i`` of segment ``s`` writes to); ``g = ceil(heads / r)``."""
     groups, _, _, *extra = buf.shape
     g = -(-heads // ratio)
-    sub = buf[:, start:start + m * seg_r, : ratio * g]
+    sub = buf[:, start : start + m * seg_r, : ratio * g]
     return sub.view(groups, m, seg_r // ratio, ratio, ratio, g, *extra).diagonal(dim1=3, dim2=4)
 
 
@@ -223,8 +228,9 @@ def _from_region(z: Tensor, heads: int) -> Tensor:
     return z[:, :heads]
 
 
-def _buffer(workspace: dict | None, name: str, like: Tensor, shape: tuple[int, ...], dtype: torch.dtype,
-            fill: float) -> Tensor:
+def _buffer(
+    workspace: dict | None, name: str, like: Tensor, shape: tuple[int, ...], dtype: torch.dtype, fill: float
+) -> Tensor:
     """A filled scratch tensor, reused across layers through ``workspace`` when given (inference): large fresh
     allocations cost page faults on every layer (glibc serves them with mmap), reused ones do not."""
     if workspace is None:
@@ -236,9 +242,17 @@ def _buffer(workspace: dict | None, name: str, like: Tensor, shape: tuple[int, .
     return buf.fill_(fill)
 
 
-def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_length: list[int], dilated_ratio: list[int],
-                      backend: str = "auto", materialize_padding: bool | None = None,
-                      max_call_elements: int | None = None, workspace: dict | None = None) -> Tensor:
+def dilated_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_length: list[int],
+    dilated_ratio: list[int],
+    backend: str = "auto",
+    materialize_padding: bool | None = None,
+    max_call_elements: int | None = None,
+    workspace: dict | None = None,
+) -> Tensor:
     """LongNet multi-branch dilated attention of slides that all have the same length ``L`` (no batch padding).
 
     q, k, v: ``[G, L, H, d]`` projected queries / keys / values (any strides). Returns ``[G, L, H, d]`` (before
@@ -288,8 +302,12 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_length: list[int]
     acc = _buffer(workspace, "acc", q, (groups, total, hp, head_dim), torch.float32, 0.0) if online else None
     run_max = _buffer(workspace, "max", q, (groups, total, hp, 1), torch.float32, float("-inf"))
     run_sum = _buffer(workspace, "sum", q, (groups, total, hp, 1), torch.float32, 0.0)
-    scratch_numel = groups * heads * head_dim * max(max(step * seg_r, _ceil_to(tail, ratio))
-                                                    for ratio, seg, seg_r, _, tail, step in layout)
+    scratch_numel = (
+        groups
+        * heads
+        * head_dim
+        * max(max(step * seg_r, _ceil_to(tail, ratio)) for ratio, seg, seg_r, _, tail, step in layout)
+    )
     scratch = [_scratch(workspace, f"dilate{i}", scratch_numel, q) for i in range(3)]
     pieces: list[tuple[Tensor, Tensor, tuple[int, int, int, int]]] = []
 
@@ -330,8 +348,9 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_length: list[int]
             # Short last segment: upstream zero-pads it to seg_r, i.e. (seg_r - tail_r) / r extra keys per head
             # group with logit 0 and value 0; fold them in analytically instead of computing them.
             tail_r = _ceil_to(tail, ratio)
-            out, lse = attend(*(_dilate(_rows(t, n_full * seg, length), tail, ratio, buf)
-                                for t, buf in zip((q, k, v), scratch)))
+            out, lse = attend(
+                *(_dilate(_rows(t, n_full * seg, length), tail, ratio, buf) for t, buf in zip((q, k, v), scratch))
+            )
             extra = (seg_r - tail_r) // ratio
             if extra:
                 lse_new = torch.logaddexp(lse, torch.full_like(lse, math.log(extra)))
@@ -365,7 +384,8 @@ class _RegatheredCpuAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, seg: int, ratio: int, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            *(_dilate(t, seg, ratio) for t in (q, k, v)))
+            *(_dilate(t, seg, ratio) for t in (q, k, v))
+        )
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.seg, ctx.ratio = seg, ratio
         lse = lse.float()
@@ -379,10 +399,16 @@ class _RegatheredCpuAttention(torch.autograd.Function):
             dense = [t.detach().requires_grad_(needs) for t, needs in zip((q, k, v), ctx.needs_input_grad[2:])]
             gathered = [_dilate(t, ctx.seg, ctx.ratio) for t in dense]
         kernel_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, *(t.detach() for t in gathered), out, lse, 0.0, False)
+            grad_out, *(t.detach() for t in gathered), out, lse, 0.0, False
+        )
         wanted = [i for i, t in enumerate(dense) if t.requires_grad]
-        grads = torch.autograd.grad([gathered[i] for i in wanted], [dense[i] for i in wanted],
-                                    [kernel_grads[i] for i in wanted]) if wanted else ()
+        grads = (
+            torch.autograd.grad(
+                [gathered[i] for i in wanted], [dense[i] for i in wanted], [kernel_grads[i] for i in wanted]
+            )
+            if wanted
+            else ()
+        )
         result: list[Tensor | None] = [None, None, None]
         for i, grad in zip(wanted, grads):
             result[i] = grad
@@ -407,8 +433,10 @@ class _ScatterPieces(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         groups, total, hp, head_dim, length, heads = ctx.shape
         grad = F.pad(grad.float(), (0, 0, 0, hp - heads, 0, total - length))  # [G, total, Hp, d]
-        grads = [_from_region(_region(grad, start, m, seg_r, ratio, heads), heads).to(dtype)
-                 for (start, m, seg_r, ratio), dtype in zip(ctx.places, ctx.dtypes)]
+        grads = [
+            _from_region(_region(grad, start, m, seg_r, ratio, heads), heads).to(dtype)
+            for (start, m, seg_r, ratio), dtype in zip(ctx.places, ctx.dtypes)
+        ]
         return (None, None, *grads)
 
 
@@ -437,8 +465,15 @@ class DilatedSelfAttention(nn.Module):
     # q elements per kernel call at inference (4 MiB in fp32): keeps every temporary small and reusable.
     inference_call_elements = 1 << 20
 
-    def __init__(self, hidden_size: int, num_heads: int, segment_length: list[int], dilated_ratio: list[int],
-                 layer_norm_eps: float = 1e-5, backend: str = "auto"):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        segment_length: list[int],
+        dilated_ratio: list[int],
+        layer_norm_eps: float = 1e-5,
+        backend: str = "auto",
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
@@ -461,8 +496,9 @@ class DilatedSelfAttention(nn.Module):
         """Sub-LN then output projection: ``out_proj(inner_attn_ln(attn))``, ``[..., D]``."""
         return self.out_proj(self.inner_attn_ln(attn))
 
-    def attend(self, qkv: Tensor, lengths: list[int], output_cls_attention: bool = False,
-               workspace: dict | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def attend(
+        self, qkv: Tensor, lengths: list[int], output_cls_attention: bool = False, workspace: dict | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Dilated attention of ``qkv [B, Lmax, 3D]``, slide ``b``'s real tokens at ``[:lengths[b]]`` (CLS first).
 
         Returns ``(attn [B, Lmax, D], cls_attention [B, H, Lmax] | None, keys [B, Lmax, D] | None)``: ``attn`` is
@@ -474,9 +510,18 @@ class DilatedSelfAttention(nn.Module):
         dim = dim3 // 3
         shape = (batch, max_len, self.num_heads, self.head_dim)
         q, k, v = qkv.view(batch, max_len, 3, self.num_heads, self.head_dim).unbind(2)  # [B, Lmax, H, d] views
-        run = lambda a, b, c: dilated_attention(
-            a, b, c, self.segment_length, self.dilated_ratio, self.backend,
-            max_call_elements=self.inference_call_elements if workspace is not None else None, workspace=workspace)
+
+        def run(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+            return dilated_attention(
+                a,
+                b,
+                c,
+                self.segment_length,
+                self.dilated_ratio,
+                self.backend,
+                max_call_elements=self.inference_call_elements if workspace is not None else None,
+                workspace=workspace,
+            )
 
         groups = _length_groups(lengths)
         if len(groups) == 1 and groups[0][0] == max_len:
@@ -494,8 +539,9 @@ class DilatedSelfAttention(nn.Module):
             return attn, None, None
         return attn, self.cls_attention_from_qk(q[:, 0], k, lengths), k.reshape(batch, max_len, dim)
 
-    def forward(self, hidden_states: Tensor, lengths: list[int], output_cls_attention: bool = False
-                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def forward(
+        self, hidden_states: Tensor, lengths: list[int], output_cls_attention: bool = False
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``[B, Lmax, D]`` (already ``self_attn_layer_norm``-ed) → ``(out [B, Lmax, D], cls_attention, keys)``."""
         attn, cls_attention, keys = self.attend(self.project_qkv(hidden_states), lengths, output_cls_attention)
         return self.project_out(attn), cls_attention, keys
@@ -503,7 +549,7 @@ class DilatedSelfAttention(nn.Module):
     def cls_attention_from_qk(self, q_cls: Tensor, k: Tensor, lengths: list[int]) -> Tensor:
         """O(L) CLS row of full (non-dilated) attention: q_cls ``[B, H, d]``, k ``[B, Lmax, H, d]`` → ``[B, H, Lmax]``
         fp32, zero on batch padding."""
-        logits = torch.einsum("bhd,blhd->bhl", q_cls.float() * self.head_dim ** -0.5, k.float())  # [B, H, Lmax]
+        logits = torch.einsum("bhd,blhd->bhl", q_cls.float() * self.head_dim**-0.5, k.float())  # [B, H, Lmax]
         valid = torch.arange(k.shape[1], device=k.device) < torch.tensor(lengths, device=k.device).unsqueeze(1)
         logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
         return torch.softmax(logits, dim=-1)

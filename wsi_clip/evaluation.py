@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,19 +45,23 @@ class ClassPrompts:
         return [template.format(name) for name in self.classnames[label] for template in self.templates]
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "class prompts") -> "ClassPrompts":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "class prompts") -> ClassPrompts:
         """``{"classnames": {label: [names]}, "templates": [...]}`` or a bare ``{label: [names]}`` mapping."""
         names = data.get("classnames", data) if isinstance(data, Mapping) else None
         templates = list(data.get("templates", DEFAULT_TEMPLATES)) if isinstance(data, Mapping) else []
         if not isinstance(names, Mapping) or not names:
-            raise ValueError(f"{source}: expected {{'classnames': {{label: [names, ...]}}, 'templates': ['... {{}} ...']}}"
-                             " with at least one class.")
+            raise ValueError(
+                f"{source}: expected {{'classnames': {{label: [names, ...]}}, 'templates': ['... {{}} ...']}}"
+                " with at least one class."
+            )
         classnames = {str(k): [v] if isinstance(v, str) else [str(n) for n in v] for k, v in names.items()}
         empty = [k for k, v in classnames.items() if not v]
         bad = [t for t in templates if t.count("{}") != 1]
         if empty or bad or not templates:
-            raise ValueError(f"{source}: classes without names {empty}; templates must each contain one '{{}}' "
-                             f"(bad: {bad}; got {len(templates)} templates).")
+            raise ValueError(
+                f"{source}: classes without names {empty}; templates must each contain one '{{}}' "
+                f"(bad: {bad}; got {len(templates)} templates)."
+            )
         return cls(classnames, templates)
 
 
@@ -64,8 +69,10 @@ def load_class_prompts(path: str | Path) -> ClassPrompts:
     """Read class prompts from JSON or YAML (the demo writes ``class_prompts.json``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: class prompts file not found (JSON or YAML with 'classnames' and "
-                                "'templates'; the demo data set writes class_prompts.json).")
+        raise FileNotFoundError(
+            f"{path}: class prompts file not found (JSON or YAML with 'classnames' and "
+            "'templates'; the demo data set writes class_prompts.json)."
+        )
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
@@ -82,64 +89,86 @@ def _tokenizer_of(processing_class: Any) -> Any:
 
 
 @torch.no_grad()
-def embed_texts(model: torch.nn.Module, processing_class: Any, texts: Sequence[str], batch_size: int = 64,
-                max_length: int | None = None) -> torch.Tensor:
+def embed_texts(
+    model: torch.nn.Module,
+    processing_class: Any,
+    texts: Sequence[str],
+    batch_size: int = 64,
+    max_length: int | None = None,
+) -> torch.Tensor:
     """``[len(texts), E]`` L2-normalised text embeddings through ``model.forward`` (works on DDP / FSDP wrappers)."""
     tokenizer = _tokenizer_of(processing_class)
     device = next(model.parameters()).device
     chunks = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        enc = tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         chunks.append(model(**enc, return_dict=True).text_embeds.float())
     return torch.cat(chunks)
 
 
 @torch.no_grad()
-def nearest_texts(model: torch.nn.Module, processor: Any, slides: Sequence[Any], texts: Sequence[str],
-                  batch_size: int = 8, max_tiles: int | None = None) -> list[int]:
+def nearest_texts(
+    model: torch.nn.Module,
+    processor: Any,
+    slides: Sequence[Any],
+    texts: Sequence[str],
+    batch_size: int = 8,
+    max_tiles: int | None = None,
+) -> list[int]:
     """Index into ``texts`` of the text nearest (cosine, joint space) to each slide: slide→text retrieval as a
     baseline for report generation (the best-matching training report of each test slide)."""
     device = next(model.parameters()).device
     text_embeds = embed_texts(model, processor, texts)  # [T, E] normalised
     best: list[int] = []
     for start in range(0, len(slides), batch_size):
-        batch = processor(slides=list(slides[start:start + batch_size]), max_tiles=max_tiles)
-        out = model.get_slide_features(batch["tile_features"].to(device), batch["tile_coords"].to(device),
-                                       batch["tile_mask"].to(device))
+        batch = processor(slides=list(slides[start : start + batch_size]), max_tiles=max_tiles)
+        out = model.get_slide_features(
+            batch["tile_features"].to(device), batch["tile_coords"].to(device), batch["tile_mask"].to(device)
+        )
         slide_embeds = torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)  # [B, E]
         best += (slide_embeds @ text_embeds.T).argmax(dim=1).tolist()
     return best
 
 
 @torch.no_grad()
-def build_zero_shot_classifier(model: torch.nn.Module, processing_class: Any, class_prompts: ClassPrompts,
-                               batch_size: int = 64, max_length: int | None = None) -> torch.Tensor:
+def build_zero_shot_classifier(
+    model: torch.nn.Module,
+    processing_class: Any,
+    class_prompts: ClassPrompts,
+    batch_size: int = 64,
+    max_length: int | None = None,
+) -> torch.Tensor:
     """``[C, E]`` normalised class embeddings: per class, the renormalised mean of its normalised prompt embeddings."""
     prompts = [class_prompts.prompts(label) for label in class_prompts.labels]
     flat = [p for group in prompts for p in group]
     embeds = embed_texts(model, processing_class, flat, batch_size, max_length)  # [P, E]
     out, start = [], 0
     for group in prompts:
-        out.append(F.normalize(embeds[start:start + len(group)].mean(0), dim=-1))
+        out.append(F.normalize(embeds[start : start + len(group)].mean(0), dim=-1))
         start += len(group)
     return torch.stack(out)
 
 
 @torch.no_grad()
-def encode_dataset(model: torch.nn.Module, dataset: Any, collator: Any, batch_size: int = 8,
-                   desc: str = "embedding slides and texts") -> dict[str, torch.Tensor]:
+def encode_dataset(
+    model: torch.nn.Module, dataset: Any, collator: Any, batch_size: int = 8, desc: str = "embedding slides and texts"
+) -> dict[str, torch.Tensor]:
     """Run the model over a dataset: normalised ``slide_embeds`` / ``text_embeds`` ``[N, E]``, ``case_ids`` /
     ``text_ids`` / ``class_labels`` ``[N]`` and the ``logit_scale`` used by the model.
 
     Under ``torch.distributed`` each rank embeds the rows ``rank, rank + world, ...`` (no padding) and every rank gets
     all rows back in dataset order, so the metrics equal a single-process run: nothing duplicated, nothing dropped.
     """
+    import torch.distributed as dist
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
-
-    import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -149,8 +178,9 @@ def encode_dataset(model: torch.nn.Module, dataset: Any, collator: Any, batch_si
     device = next(model.parameters()).device
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collator)
     keys = ("tile_features", "tile_coords", "tile_mask", "input_ids", "attention_mask", "token_type_ids")
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("slide_embeds", "text_embeds", "case_ids", "text_ids",
-                                                            "class_labels")}
+    parts: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("slide_embeds", "text_embeds", "case_ids", "text_ids", "class_labels")
+    }
     scale = None
     with torch.no_grad():
         for batch in tqdm(loader, desc=desc, unit="batch", disable=rank != 0):
@@ -205,9 +235,13 @@ def _rank_metrics(scores: torch.Tensor, positives: torch.Tensor, ks: Iterable[in
     return metrics
 
 
-def retrieval_metrics(slide_embeds: torch.Tensor, text_embeds: torch.Tensor, case_ids: torch.Tensor,
-                      text_ids: torch.Tensor | None = None, ks: Sequence[int] = DEFAULT_RECALL_KS
-                      ) -> dict[str, float]:
+def retrieval_metrics(
+    slide_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    case_ids: torch.Tensor,
+    text_ids: torch.Tensor | None = None,
+    ks: Sequence[int] = DEFAULT_RECALL_KS,
+) -> dict[str, float]:
     """Slide→text and text→slide Recall@K and mAP with multi-positive ground truth.
 
     Args:
@@ -230,15 +264,21 @@ def retrieval_metrics(slide_embeds: torch.Tensor, text_embeds: torch.Tensor, cas
     return metrics
 
 
-def contrastive_loss_full(slide_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: float | torch.Tensor,
-                          case_ids: torch.Tensor, text_ids: torch.Tensor | None = None) -> float:
+def contrastive_loss_full(
+    slide_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    case_ids: torch.Tensor,
+    text_ids: torch.Tensor | None = None,
+) -> float:
     """The symmetric soft-target loss over a whole evaluation set (all slides × all texts), one process.
 
     Unlike a mean of per-batch losses it does not depend on batch composition, so it is comparable across runs.
     """
     scale = torch.as_tensor(float(logit_scale))
-    out = multi_positive_contrastive_loss(slide_embeds.float(), text_embeds.float(), scale, case_ids, text_ids,
-                                          gather=False)
+    out = multi_positive_contrastive_loss(
+        slide_embeds.float(), text_embeds.float(), scale, case_ids, text_ids, gather=False
+    )
     return float(out.loss) if out.num_rows else float("nan")
 
 
@@ -278,8 +318,9 @@ def macro_auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def classification_metrics(y_true: np.ndarray | torch.Tensor, scores: np.ndarray | torch.Tensor,
-                           prefix: str = "zero_shot") -> dict[str, float]:
+def classification_metrics(
+    y_true: np.ndarray | torch.Tensor, scores: np.ndarray | torch.Tensor, prefix: str = "zero_shot"
+) -> dict[str, float]:
     """Accuracy, balanced accuracy, weighted F1 and macro AUROC of ``scores [N, C]`` against ``y_true [N]``.
 
     Rows with ``y_true < 0`` (no or unknown label) are ignored; ``{prefix}_num_samples`` counts the rest.
@@ -291,11 +332,13 @@ def classification_metrics(y_true: np.ndarray | torch.Tensor, scores: np.ndarray
     if y_true.size == 0:
         return {}
     y_pred = scores.argmax(1)
-    return {f"{prefix}_accuracy": float((y_pred == y_true).mean()),
-            f"{prefix}_balanced_accuracy": balanced_accuracy(y_true, y_pred),
-            f"{prefix}_weighted_f1": weighted_f1(y_true, y_pred),
-            f"{prefix}_macro_auroc": macro_auroc(y_true, scores),
-            f"{prefix}_num_samples": float(y_true.size)}
+    return {
+        f"{prefix}_accuracy": float((y_pred == y_true).mean()),
+        f"{prefix}_balanced_accuracy": balanced_accuracy(y_true, y_pred),
+        f"{prefix}_weighted_f1": weighted_f1(y_true, y_pred),
+        f"{prefix}_macro_auroc": macro_auroc(y_true, scores),
+        f"{prefix}_num_samples": float(y_true.size),
+    }
 
 
 def zero_shot_scores(slide_embeds: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
@@ -312,7 +355,21 @@ def format_table(metrics: Mapping[str, float], title: str = "WSI-CLIP evaluation
     return "\n".join(lines)
 
 
-__all__ = ["ClassPrompts", "load_class_prompts", "embed_texts", "nearest_texts", "build_zero_shot_classifier",
-           "encode_dataset", "retrieval_metrics", "contrastive_loss_full", "classification_metrics",
-           "balanced_accuracy", "weighted_f1", "binary_auroc", "macro_auroc", "zero_shot_scores", "format_table",
-           "DEFAULT_RECALL_KS"]
+__all__ = [
+    "ClassPrompts",
+    "load_class_prompts",
+    "embed_texts",
+    "nearest_texts",
+    "build_zero_shot_classifier",
+    "encode_dataset",
+    "retrieval_metrics",
+    "contrastive_loss_full",
+    "classification_metrics",
+    "balanced_accuracy",
+    "weighted_f1",
+    "binary_auroc",
+    "macro_auroc",
+    "zero_shot_scores",
+    "format_table",
+    "DEFAULT_RECALL_KS",
+]

@@ -8,8 +8,8 @@ tile_size)``), so drawing 100k tiles costs one image, not 100k rectangles. Needs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -30,12 +30,23 @@ def tile_grid(coords: np.ndarray, values: np.ndarray, tile_size: int) -> tuple[n
     return grid, (int(origin[0]), int(origin[1]))
 
 
-def render_tile_heatmap(coords: np.ndarray | torch.Tensor, scores: np.ndarray | torch.Tensor | None, output: str | Path,
-                        *, tile_size: int, title: str = "", score_label: str = "score",
-                        kept: np.ndarray | torch.Tensor | None = None, slide_path: str | Path | None = None,
-                        kept_labels: tuple[str, str] = ("kept", "dropped"), cmap: str = "inferno",
-                        alpha: float = 0.6, thumbnail_side: int = 1024,
-                        vmin: float | None = None, vmax: float | None = None) -> Path:
+def render_tile_heatmap(
+    coords: np.ndarray | torch.Tensor,
+    scores: np.ndarray | torch.Tensor | None,
+    output: str | Path,
+    *,
+    tile_size: int,
+    title: str = "",
+    score_label: str = "score",
+    kept: np.ndarray | torch.Tensor | None = None,
+    slide_path: str | Path | None = None,
+    kept_labels: tuple[str, str] = ("kept", "dropped"),
+    cmap: str = "inferno",
+    alpha: float = 0.6,
+    thumbnail_side: int = 1024,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> Path:
     """Draw one slide's per-tile ``scores [N]`` (and/or a ``kept [N]`` selection mask) as a PNG.
 
     Args:
@@ -78,18 +89,37 @@ def render_tile_heatmap(coords: np.ndarray | torch.Tensor, scores: np.ndarray | 
     if mask is not None:
         grid, origin = tile_grid(xy, np.where(mask, 1.0, 0.0), tile_size)
         extent = _extent(grid, origin, tile_size)
-        ax.imshow(np.where(grid == 0, 1.0, np.nan), extent=extent, cmap=ListedColormap(["#b0b0b0"]), alpha=alpha,
-                  interpolation="nearest")
-        handles = [Patch(color="#b0b0b0", label=f"{kept_labels[1]} ({int((~mask).sum())})"),
-                   Patch(color="#1f77b4" if values is None else "#f0a030", label=f"{kept_labels[0]} ({int(mask.sum())})")]
+        ax.imshow(
+            np.where(grid == 0, 1.0, np.nan),
+            extent=extent,
+            cmap=ListedColormap(["#b0b0b0"]),
+            alpha=alpha,
+            interpolation="nearest",
+        )
+        handles = [
+            Patch(color="#b0b0b0", label=f"{kept_labels[1]} ({int((~mask).sum())})"),
+            Patch(color="#1f77b4" if values is None else "#f0a030", label=f"{kept_labels[0]} ({int(mask.sum())})"),
+        ]
         if values is None:
-            ax.imshow(np.where(grid == 1, 1.0, np.nan), extent=extent, cmap=ListedColormap(["#1f77b4"]),
-                      alpha=alpha, interpolation="nearest")
+            ax.imshow(
+                np.where(grid == 1, 1.0, np.nan),
+                extent=extent,
+                cmap=ListedColormap(["#1f77b4"]),
+                alpha=alpha,
+                interpolation="nearest",
+            )
     if values is not None:
         shown = values if mask is None else np.where(mask, values, np.nan)
         grid, origin = tile_grid(xy, shown, tile_size)
-        image = ax.imshow(grid, extent=_extent(grid, origin, tile_size), cmap=cmap, alpha=alpha if slide_path else 1.0,
-                          vmin=vmin, vmax=vmax, interpolation="nearest")
+        image = ax.imshow(
+            grid,
+            extent=_extent(grid, origin, tile_size),
+            cmap=cmap,
+            alpha=alpha if slide_path else 1.0,
+            vmin=vmin,
+            vmax=vmax,
+            interpolation="nearest",
+        )
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=score_label)
     if handles:
         ax.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.8)
@@ -113,8 +143,9 @@ def _extent(grid: np.ndarray, origin: tuple[int, int], tile_size: int) -> tuple[
 
 # ---------------------------------------------------------------------------------------------- tile scores
 @torch.no_grad()
-def tile_attention(model, tile_features: torch.Tensor, tile_coords: torch.Tensor,
-                   tile_mask: torch.Tensor | None = None) -> torch.Tensor:
+def tile_attention(
+    model, tile_features: torch.Tensor, tile_coords: torch.Tensor, tile_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[N]`` attention of one slide's tiles: ABMIL attention (WSI-CLIP ``abmil`` tower) or the slide encoder's last-
     layer CLS attention averaged over heads (WSI-CLIP ``slide_encoder`` tower, or a bare ``SlideEncoderModel``)."""
     if hasattr(model, "get_slide_features") and hasattr(model, "slide_projection"):
@@ -128,8 +159,14 @@ def tile_attention(model, tile_features: torch.Tensor, tile_coords: torch.Tensor
 
 
 @torch.no_grad()
-def tile_text_similarity(model, processor, prompt: str, tile_features: torch.Tensor, tile_coords: torch.Tensor,
-                         tile_mask: torch.Tensor | None = None) -> torch.Tensor:
+def tile_text_similarity(
+    model,
+    processor,
+    prompt: str,
+    tile_features: torch.Tensor,
+    tile_coords: torch.Tensor,
+    tile_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``[N]`` cosine similarity between each tile's token (slide tower output, through the slide projection) and
     the embedding of ``prompt`` in the joint WSI-CLIP space (LongNet towers: contextualised tile tokens; ABMIL / mean
     towers: their per-tile hidden states)."""
@@ -137,8 +174,9 @@ def tile_text_similarity(model, processor, prompt: str, tile_features: torch.Ten
     tokens = tower(tile_features, tile_coords, tile_mask).last_hidden_state  # [1, N(+1), H]
     if tokens.shape[1] == tile_features.shape[1] + 1:  # LongNet: drop CLS, apply the head norm the pooled token gets
         tokens = tower.head_norm(tokens[:, 1:]) if hasattr(tower, "head_norm") else tokens[:, 1:]
-    tiles = torch.nn.functional.normalize(model.slide_projection(tokens.to(model.slide_projection.weight.dtype))[0],
-                                          dim=-1)  # [N, E]
+    tiles = torch.nn.functional.normalize(
+        model.slide_projection(tokens.to(model.slide_projection.weight.dtype))[0], dim=-1
+    )  # [N, E]
     text = processor(text=[prompt])
     embed = model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).pooler_output
     return tiles @ torch.nn.functional.normalize(embed[0], dim=-1)  # [N]

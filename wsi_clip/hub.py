@@ -34,8 +34,9 @@ class ModelKind:
 
 MODEL_KINDS: dict[str, ModelKind] = {
     "wsi_clip": ModelKind("AutoModel", "zero-shot-classification", "wsi_clip", "WSI-CLIP slide-text model"),
-    "wsi_slide_encoder": ModelKind("AutoModel", "feature-extraction", "wsi_clip",
-                                   "Prov-GigaPath-compatible slide encoder"),
+    "wsi_slide_encoder": ModelKind(
+        "AutoModel", "feature-extraction", "wsi_clip", "Prov-GigaPath-compatible slide encoder"
+    ),
     "wsi_abmil": ModelKind("AutoModel", "feature-extraction", "wsi_clip", "ABMIL slide tower"),
     "wsi_mean_pool": ModelKind("AutoModel", "feature-extraction", "wsi_clip", "mean-pooling slide tower"),
 }
@@ -59,8 +60,10 @@ def model_kind(model_type: str) -> ModelKind:
     if model_type not in MODEL_KINDS:
         _load_kind_plugins()
     if model_type not in MODEL_KINDS:
-        raise CheckpointError(f"model_type {model_type!r} is not a checkpoint kind of this package (known: "
-                              f"{sorted(MODEL_KINDS)}); is the package that defines it installed?")
+        raise CheckpointError(
+            f"model_type {model_type!r} is not a checkpoint kind of this package (known: "
+            f"{sorted(MODEL_KINDS)}); is the package that defines it installed?"
+        )
     return MODEL_KINDS[model_type]
 
 
@@ -96,8 +99,9 @@ class ValidationReport:
         return all(v == "ok" for v in self.checks.values())
 
     def __str__(self) -> str:
-        lines = [f"{self.folder} ({self.model_type}):"] + [f"  [{'x' if v == 'ok' else ' '}] {k}: {v}"
-                                                          for k, v in self.checks.items()]
+        lines = [f"{self.folder} ({self.model_type}):"] + [
+            f"  [{'x' if v == 'ok' else ' '}] {k}: {v}" for k, v in self.checks.items()
+        ]
         return "\n".join(lines)
 
 
@@ -108,13 +112,17 @@ def read_checkpoint_config(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder}: checkpoint folder not found.")
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise CheckpointError(f"{folder}: no config.json — not a save_pretrained folder (for a LoRA adapter, "
-                              "export a merged model first with --merge).")
+        raise CheckpointError(
+            f"{folder}: no config.json — not a save_pretrained folder (for a LoRA adapter, "
+            "export a merged model first with --merge)."
+        )
     config = json.loads(config_path.read_text())
     weights = list(folder.glob("*.safetensors"))
     if not weights:
-        raise CheckpointError(f"{folder}: no *.safetensors weights next to config.json; the checkpoint is "
-                              "incomplete (interrupted save?). Re-save it with save_pretrained.")
+        raise CheckpointError(
+            f"{folder}: no *.safetensors weights next to config.json; the checkpoint is "
+            "incomplete (interrupted save?). Re-save it with save_pretrained."
+        )
     return config
 
 
@@ -138,7 +146,7 @@ def missing_checkpoint_files(folder: str | Path) -> list[str]:
         for line in py.read_text().splitlines():
             line = line.strip()
             if line.startswith("from .") and " import " in line:
-                sibling = line[len("from ."):].split(" import ")[0].strip()
+                sibling = line[len("from .") :].split(" import ")[0].strip()
                 if sibling and "." not in sibling and not (folder / f"{sibling}.py").is_file():
                     missing.append(f"{sibling}.py (imported by {py.name})")
     return sorted(set(missing))
@@ -153,18 +161,29 @@ def require_checkpoint_files(folder: str | Path | None) -> None:
         return
     missing = missing_checkpoint_files(Path(folder).expanduser())
     if missing:
-        raise CheckpointError(f"{folder}: checkpoint folder is missing {missing}. It was copied or saved incompletely; "
-                              "re-save it with save_pretrained (or copy the whole folder).")
+        raise CheckpointError(
+            f"{folder}: checkpoint folder is missing {missing}. It was copied or saved incompletely; "
+            "re-save it with save_pretrained (or copy the whole folder)."
+        )
 
 
 def _run_python(code: str, cwd: Path, timeout: int = 600) -> str | None:
     """Run ``code`` in a fresh interpreter; ``None`` on success, else the tail of its error output."""
-    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**_clean_env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**_clean_env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
     if proc.returncode == 0:
         return None
-    return (proc.stderr or proc.stdout).strip().splitlines()[-1][-500:] if (proc.stderr or proc.stdout) else \
-        f"exit code {proc.returncode}"
+    return (
+        (proc.stderr or proc.stdout).strip().splitlines()[-1][-500:]
+        if (proc.stderr or proc.stdout)
+        else f"exit code {proc.returncode}"
+    )
 
 
 def _clean_env() -> dict[str, str]:
@@ -179,20 +198,32 @@ def load_check_code(folder: Path, auto_class: str, *, remote: bool, package: str
     """Python source that loads ``folder`` with ``auto_class`` and runs nothing else (for a subprocess)."""
     packages = own_packages()
     header = _BLOCKER.format(blocked=set(packages)) if remote else f"import {package}\n"
-    check_hidden = (f"for name in {packages!r}:\n"
-                    "    try:\n        __import__(name)\n    except ImportError:\n        pass\n"
-                    "    else:\n        raise AssertionError(name + ' is still importable')\n"
-                    if remote else "")
-    return header + check_hidden + textwrap.dedent(f"""
+    check_hidden = (
+        f"for name in {packages!r}:\n"
+        "    try:\n        __import__(name)\n    except ImportError:\n        pass\n"
+        "    else:\n        raise AssertionError(name + ' is still importable')\n"
+        if remote
+        else ""
+    )
+    return (
+        header
+        + check_hidden
+        + textwrap.dedent(f"""
         import transformers
         model = getattr(transformers, {auto_class!r}).from_pretrained({str(folder)!r},
                                                                        trust_remote_code={remote!r})
         assert type(model).__name__.startswith(("WSI", "Slide")), type(model)
         print(type(model).__name__, sum(p.numel() for p in model.parameters()))
-    """) + (textwrap.dedent(f"""
+    """)
+        + (
+            textwrap.dedent(f"""
         processor = transformers.AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code={remote!r})
         assert type(processor).__name__ == "WSIProcessor", type(processor)
-    """) if (folder / "processor_config.json").is_file() else "")
+    """)
+            if (folder / "processor_config.json").is_file()
+            else ""
+        )
+    )
 
 
 def validate_checkpoint(folder: str | Path, *, check_loading: bool = True) -> ValidationReport:
@@ -224,8 +255,14 @@ def validate_checkpoint(folder: str | Path, *, check_loading: bool = True) -> Va
     return report
 
 
-def build_model_card(folder: str | Path, *, repo_id: str, metrics: dict[str, Any] | None = None,
-                     datasets: list[str] | None = None, base_models: list[str] | None = None) -> str:
+def build_model_card(
+    folder: str | Path,
+    *,
+    repo_id: str,
+    metrics: dict[str, Any] | None = None,
+    datasets: list[str] | None = None,
+    base_models: list[str] | None = None,
+) -> str:
     """Model card text (YAML metadata + usage with and without the package + metrics table)."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -237,14 +274,26 @@ def build_model_card(folder: str | Path, *, repo_id: str, metrics: dict[str, Any
     metrics = metrics or {}
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     bases = [b for b in (base_models or []) if b and not Path(b).exists()]  # local paths are not Hub ids
-    data = ModelCardData(library_name="transformers", pipeline_tag=pipeline_tag, license="apache-2.0",
-                         tags=["pathology", "histopathology", "whole-slide-image", model_type.replace("_", "-"),
-                               "multiple-instance-learning", "custom_code"],
-                         base_model=bases or None, datasets=datasets or None, metrics=sorted(numeric) or None)
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        license="apache-2.0",
+        tags=[
+            "pathology",
+            "histopathology",
+            "whole-slide-image",
+            model_type.replace("_", "-"),
+            "multiple-instance-learning",
+            "custom_code",
+        ],
+        base_model=bases or None,
+        datasets=datasets or None,
+        metrics=sorted(numeric) or None,
+    )
     rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(numeric.items())) or "| (none recorded) | |"
-    load = f"{auto_class}.from_pretrained(\"{repo_id}\")"
+    load = f'{auto_class}.from_pretrained("{repo_id}")'
     body = f"""
-# {repo_id.split('/')[-1]}
+# {repo_id.split("/")[-1]}
 
 A {human} (`model_type: {model_type}`) trained with the open `wsi-mm` package: whole-slide-image
 multimodal learning on tile features (`features [N, D]` + level-0 `(x, y)` tile coordinates per slide).
@@ -290,24 +339,44 @@ transfer to other sites, scanners or tile encoders without validation.
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body).content
 
 
-def stage_checkpoint(folder: str | Path, output_dir: str | Path, *, repo_id: str,
-                     metrics_file: str | Path | None = None, datasets: list[str] | None = None) -> Path:
+def stage_checkpoint(
+    folder: str | Path,
+    output_dir: str | Path,
+    *,
+    repo_id: str,
+    metrics_file: str | Path | None = None,
+    datasets: list[str] | None = None,
+) -> Path:
     """Copy ``folder`` to ``output_dir`` and write its model card: the exact folder an upload would send."""
     folder, output_dir = Path(folder), Path(output_dir)
     config = read_checkpoint_config(folder)
     if output_dir.exists():
         shutil.rmtree(output_dir)
-    shutil.copytree(folder, output_dir, ignore=shutil.ignore_patterns(
-        "optimizer.pt", "scheduler.pt", "rng_state*", "trainer_state.json", "training_args.bin", "training_args.json",
-        "global_step*", "__pycache__", ".checkpoint-staging", "checkpoint-*"))
+    shutil.copytree(
+        folder,
+        output_dir,
+        ignore=shutil.ignore_patterns(
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state*",
+            "trainer_state.json",
+            "training_args.bin",
+            "training_args.json",
+            "global_step*",
+            "__pycache__",
+            ".checkpoint-staging",
+            "checkpoint-*",
+        ),
+    )
     metrics: dict[str, Any] = {}
     metrics_path = Path(metrics_file) if metrics_file else folder / "metrics.json"
     if metrics_path.is_file():
         loaded = json.loads(metrics_path.read_text())
         metrics = _flatten(loaded)
     bases = [v for k, v in _flatten(config).items() if k.endswith("_name_or_path") and isinstance(v, str)]
-    (output_dir / "README.md").write_text(build_model_card(output_dir, repo_id=repo_id, metrics=metrics,
-                                                           datasets=datasets, base_models=bases))
+    (output_dir / "README.md").write_text(
+        build_model_card(output_dir, repo_id=repo_id, metrics=metrics, datasets=datasets, base_models=bases)
+    )
     return output_dir
 
 
@@ -328,11 +397,21 @@ def push_checkpoint(staged: str | Path, repo_id: str, *, private: bool = False, 
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(folder_path=str(staged), repo_id=repo_id, repo_type="model",
-                             commit_message="Upload with wsi-mm push_to_hub")
+    info = api.upload_folder(
+        folder_path=str(staged), repo_id=repo_id, repo_type="model", commit_message="Upload with wsi-mm push_to_hub"
+    )
     return str(getattr(info, "commit_url", info))
 
 
-__all__ = ["CheckpointError", "ValidationReport", "build_model_card", "stage_checkpoint", "validate_checkpoint",
-           "push_checkpoint", "missing_checkpoint_files", "require_checkpoint_files", "read_checkpoint_config",
-           "load_check_code"]
+__all__ = [
+    "CheckpointError",
+    "ValidationReport",
+    "build_model_card",
+    "stage_checkpoint",
+    "validate_checkpoint",
+    "push_checkpoint",
+    "missing_checkpoint_files",
+    "require_checkpoint_files",
+    "read_checkpoint_config",
+    "load_check_code",
+]

@@ -73,9 +73,12 @@ class ContrastiveLossOutput:
     num_rows: int
 
 
-def positive_mask(local_case_ids: torch.Tensor, global_case_ids: torch.Tensor,
-                  local_text_ids: torch.Tensor | None = None,
-                  global_text_ids: torch.Tensor | None = None) -> torch.Tensor:
+def positive_mask(
+    local_case_ids: torch.Tensor,
+    global_case_ids: torch.Tensor,
+    local_text_ids: torch.Tensor | None = None,
+    global_text_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``[B_local, B_global]`` bool: same case (ids ≥ 0), or identical text when text ids are given."""
     valid_rows = (local_case_ids >= 0)[:, None]
     valid_cols = (global_case_ids >= 0)[None, :]
@@ -98,11 +101,17 @@ def _mil_nce(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, -1) - torch.logsumexp(logits.masked_fill(~pos, float("-inf")), -1)
 
 
-def multi_positive_contrastive_loss(slide_embeds: torch.Tensor, text_embeds: torch.Tensor,
-                                    logit_scale: torch.Tensor, case_ids: torch.Tensor,
-                                    text_ids: torch.Tensor | None = None, *,
-                                    text_to_slide: Literal["soft", "mil_nce"] = "soft",
-                                    normalize: bool = True, gather: bool = True) -> ContrastiveLossOutput:
+def multi_positive_contrastive_loss(
+    slide_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    case_ids: torch.Tensor,
+    text_ids: torch.Tensor | None = None,
+    *,
+    text_to_slide: Literal["soft", "mil_nce"] = "soft",
+    normalize: bool = True,
+    gather: bool = True,
+) -> ContrastiveLossOutput:
     """Symmetric multi-positive contrastive loss on this rank's rows against every rank's columns.
 
     Args:
@@ -116,8 +125,9 @@ def multi_positive_contrastive_loss(slide_embeds: torch.Tensor, text_embeds: tor
             evaluation set already gathered).
     """
     if slide_embeds.shape != text_embeds.shape or slide_embeds.ndim != 2:
-        raise ValueError(f"slide_embeds {tuple(slide_embeds.shape)} and text_embeds {tuple(text_embeds.shape)} "
-                         "must both be [B, E].")
+        raise ValueError(
+            f"slide_embeds {tuple(slide_embeds.shape)} and text_embeds {tuple(text_embeds.shape)} must both be [B, E]."
+        )
     if case_ids.shape != slide_embeds.shape[:1]:
         raise ValueError(f"case_ids has shape {tuple(case_ids.shape)}; expected [{slide_embeds.shape[0]}].")
     if normalize:
@@ -144,9 +154,13 @@ def multi_positive_contrastive_loss(slide_embeds: torch.Tensor, text_embeds: tor
     count = (_all_reduce_sum(count) if world > 1 else count).clamp_min(1.0)
     scale = world / count
     s2t, t2s = local_s2t * scale, local_t2s * scale
-    return ContrastiveLossOutput(loss=(s2t + t2s) / 2, slide_to_text=s2t, text_to_slide=t2s,
-                                 num_rows=int(keep.sum()))
+    return ContrastiveLossOutput(loss=(s2t + t2s) / 2, slide_to_text=s2t, text_to_slide=t2s, num_rows=int(keep.sum()))
 
 
-__all__ = ["multi_positive_contrastive_loss", "positive_mask", "gather_with_grad", "gather_no_grad",
-           "ContrastiveLossOutput"]
+__all__ = [
+    "multi_positive_contrastive_loss",
+    "positive_mask",
+    "gather_with_grad",
+    "gather_no_grad",
+    "ContrastiveLossOutput",
+]

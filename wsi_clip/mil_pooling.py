@@ -38,14 +38,18 @@ class MILPoolingOutput(BaseModelOutputWithPooling):
 def _check_bag(tile_features: Tensor, tile_mask: Tensor | None, input_dim: int, tower: str) -> Tensor:
     """Validate ``[B, N, D]`` features; returns the ``[B, N]`` bool mask (all True when ``None``)."""
     if tile_features.dim() != 3 or tile_features.shape[-1] != input_dim:
-        raise ValueError(f"{tower}: tile_features must be [batch, tiles, {input_dim}], got "
-                         f"{tuple(tile_features.shape)}; use features of the tile encoder the model was built for, "
-                         "or a model configured with this input_dim.")
+        raise ValueError(
+            f"{tower}: tile_features must be [batch, tiles, {input_dim}], got "
+            f"{tuple(tile_features.shape)}; use features of the tile encoder the model was built for, "
+            "or a model configured with this input_dim."
+        )
     if tile_mask is None:
         return torch.ones(tile_features.shape[:2], dtype=torch.bool, device=tile_features.device)
     if tuple(tile_mask.shape) != tuple(tile_features.shape[:2]):
-        raise ValueError(f"{tower}: tile_mask must be [batch, tiles] = {tuple(tile_features.shape[:2])}, got "
-                         f"{tuple(tile_mask.shape)} (True = real tile).")
+        raise ValueError(
+            f"{tower}: tile_mask must be [batch, tiles] = {tuple(tile_features.shape[:2])}, got "
+            f"{tuple(tile_mask.shape)} (True = real tile)."
+        )
     return tile_mask.to(device=tile_features.device, dtype=torch.bool)
 
 
@@ -81,8 +85,14 @@ class ABMILModel(_MILPreTrainedModel):
         self.attention_dropout = nn.Dropout(config.dropout)
         self.post_init()
 
-    def forward(self, tile_features: Tensor, tile_coords: Tensor | None = None, tile_mask: Tensor | None = None,
-                return_dict: bool | None = None, **unused) -> MILPoolingOutput | tuple:
+    def forward(
+        self,
+        tile_features: Tensor,
+        tile_coords: Tensor | None = None,
+        tile_mask: Tensor | None = None,
+        return_dict: bool | None = None,
+        **unused,
+    ) -> MILPoolingOutput | tuple:
         """tile_features ``[B, N, D_in]``, tile_mask ``[B, N]`` (True = real) → :class:`MILPoolingOutput`.
 
         ``tile_coords`` is ignored (the tower is permutation invariant); extra slide-encoder flags are ignored too.
@@ -108,12 +118,19 @@ class MeanPoolingModel(_MILPreTrainedModel):
 
     def __init__(self, config: MeanPoolingConfig):
         super().__init__(config)
-        self.tile_mlp = (_tile_mlp(config.input_dim, config.hidden_size, 1, config.dropout)
-                         if config.hidden_size else nn.Identity())
+        self.tile_mlp = (
+            _tile_mlp(config.input_dim, config.hidden_size, 1, config.dropout) if config.hidden_size else nn.Identity()
+        )
         self.post_init()
 
-    def forward(self, tile_features: Tensor, tile_coords: Tensor | None = None, tile_mask: Tensor | None = None,
-                return_dict: bool | None = None, **unused) -> MILPoolingOutput | tuple:
+    def forward(
+        self,
+        tile_features: Tensor,
+        tile_coords: Tensor | None = None,
+        tile_mask: Tensor | None = None,
+        return_dict: bool | None = None,
+        **unused,
+    ) -> MILPoolingOutput | tuple:
         """tile_features ``[B, N, D_in]``, tile_mask ``[B, N]`` → :class:`MILPoolingOutput` (no attention)."""
         mask = _check_bag(tile_features, tile_mask, self.config.input_dim, "mean pooling")
         dtype = next(self.parameters()).dtype if any(True for _ in self.parameters()) else torch.float32

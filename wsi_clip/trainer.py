@@ -35,13 +35,29 @@ from transformers.trainer_utils import EvalPrediction
 
 from .checkpointing import ResumableTrainerMixin
 from .data import SAMPLE_BY, CaseGroupedSampler, WSIClipCollator
-from .evaluation import (ClassPrompts, build_zero_shot_classifier, classification_metrics, contrastive_loss_full,
-                         load_class_prompts, retrieval_metrics, zero_shot_scores)
+from .evaluation import (
+    ClassPrompts,
+    build_zero_shot_classifier,
+    classification_metrics,
+    contrastive_loss_full,
+    load_class_prompts,
+    retrieval_metrics,
+    zero_shot_scores,
+)
 
 logger = logging.getLogger(__name__)
 
-MODEL_INPUT_KEYS = ("tile_features", "tile_coords", "tile_mask", "input_ids", "attention_mask", "token_type_ids",
-                    "position_ids", "case_ids", "text_ids")
+MODEL_INPUT_KEYS = (
+    "tile_features",
+    "tile_coords",
+    "tile_mask",
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "position_ids",
+    "case_ids",
+    "text_ids",
+)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -84,26 +100,40 @@ class WSIClipTrainer(ResumableTrainerMixin, Trainer):
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
 
-    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *trainer_args: Any,
-                 sample_by: str = "slide", class_prompts: ClassPrompts | dict | str | None = None,
-                 eval_data_collator: Any = None, zero_shot_batch_size: int = 64, **trainer_kwargs: Any):
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        *trainer_args: Any,
+        sample_by: str = "slide",
+        class_prompts: ClassPrompts | dict | str | None = None,
+        eval_data_collator: Any = None,
+        zero_shot_batch_size: int = 64,
+        **trainer_kwargs: Any,
+    ):
         if sample_by not in SAMPLE_BY:
             raise ValueError(f"WSIClipTrainer: sample_by={sample_by!r} is not one of {SAMPLE_BY}.")
         if args is None:
             args = TrainingArguments(output_dir="tmp_trainer")
         if args.remove_unused_columns:
-            logger.info("WSIClipTrainer: setting remove_unused_columns=False (the collator needs h5_path, caption, "
-                        "case_id, label).")
+            logger.info(
+                "WSIClipTrainer: setting remove_unused_columns=False (the collator needs h5_path, caption, "
+                "case_id, label)."
+            )
             args.remove_unused_columns = False
         if args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = False
         if args.n_gpu > 1:
-            raise ValueError(f"WSIClipTrainer: one process sees {args.n_gpu} GPUs (torch.nn.DataParallel), which "
-                             "computes the contrastive loss on each GPU's sub-batch without the cross-device gather. "
-                             "Launch one process per GPU instead: `accelerate launch` or `torchrun --nproc_per_node N`.")
+            raise ValueError(
+                f"WSIClipTrainer: one process sees {args.n_gpu} GPUs (torch.nn.DataParallel), which "
+                "computes the contrastive loss on each GPU's sub-batch without the cross-device gather. "
+                "Launch one process per GPU instead: `accelerate launch` or `torchrun --nproc_per_node N`."
+            )
         if args.batch_eval_metrics:
-            raise ValueError("WSIClipTrainer: batch_eval_metrics=True is not supported; retrieval metrics need the "
-                             "whole evaluation set. Set batch_eval_metrics=False.")
+            raise ValueError(
+                "WSIClipTrainer: batch_eval_metrics=True is not supported; retrieval metrics need the "
+                "whole evaluation set. Set batch_eval_metrics=False."
+            )
         if isinstance(class_prompts, str) or hasattr(class_prompts, "__fspath__"):
             class_prompts = load_class_prompts(class_prompts)
         elif isinstance(class_prompts, dict):
@@ -113,10 +143,15 @@ class WSIClipTrainer(ResumableTrainerMixin, Trainer):
         self.zero_shot_batch_size = zero_shot_batch_size
 
         processing_class = trainer_kwargs.get("processing_class")
-        if trainer_kwargs.get("data_collator") is None and not trainer_args and processing_class is not None \
-                and hasattr(processing_class, "pad_slides"):
+        if (
+            trainer_kwargs.get("data_collator") is None
+            and not trainer_args
+            and processing_class is not None
+            and hasattr(processing_class, "pad_slides")
+        ):
             trainer_kwargs["data_collator"] = WSIClipCollator(
-                processing_class, class_names=class_prompts.labels if class_prompts else None)
+                processing_class, class_names=class_prompts.labels if class_prompts else None
+            )
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self.eval_data_collator = eval_data_collator
         if self.compute_metrics is None:
@@ -126,14 +161,22 @@ class WSIClipTrainer(ResumableTrainerMixin, Trainer):
         self._eval_logit_scale: float | None = None
 
     # ------------------------------------------------------------------------------------------------ training
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: torch.Tensor | int | None = None):
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
         """Multi-positive contrastive loss of the batch against all ranks' embeddings (see the model's forward)."""
         if "case_ids" not in inputs:
-            raise KeyError("WSIClipTrainer: the batch has no 'case_ids'. Use wsi_clip.data.WSIClipCollator (or "
-                           "processing.ContrastiveCollator) and keep remove_unused_columns=False.")
-        outputs = model(**{k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS}, return_loss=True,
-                        return_dict=True)
+            raise KeyError(
+                "WSIClipTrainer: the batch has no 'case_ids'. Use wsi_clip.data.WSIClipCollator (or "
+                "processing.ContrastiveCollator) and keep remove_unused_columns=False."
+            )
+        outputs = model(
+            **{k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS}, return_loss=True, return_dict=True
+        )
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
@@ -147,10 +190,16 @@ class WSIClipTrainer(ResumableTrainerMixin, Trainer):
         try:
             case_ids = train_dataset["case_id"]
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError("sample_by='case' needs a 'case_id' column in the training dataset "
-                             "(processing.load_annotations adds it; default: the slide id).") from err
-        return CaseGroupedSampler(list(case_ids), self._train_batch_size, self.args.world_size,
-                                  seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+            raise ValueError(
+                "sample_by='case' needs a 'case_id' column in the training dataset "
+                "(processing.load_annotations adds it; default: the slide id)."
+            ) from err
+        return CaseGroupedSampler(
+            list(case_ids),
+            self._train_batch_size,
+            self.args.world_size,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -189,8 +238,9 @@ class WSIClipTrainer(ResumableTrainerMixin, Trainer):
         self._zero_shot_classifier = None
         return super().predict(test_dataset, ignore_keys, metric_key_prefix)
 
-    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None):
+    def prediction_step(
+        self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
+    ):
         """Embed one evaluation batch: returns ``(None, embeds [B, 2, E], ids [B, 3])`` for the Trainer to gather.
 
         ``embeds[:, 0]`` are the normalised slide embeddings, ``embeds[:, 1]`` the text ones; ``ids`` columns are
@@ -203,18 +253,27 @@ class WSIClipTrainer(ResumableTrainerMixin, Trainer):
             out = model(**{k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS}, return_dict=True)
             if self._zero_shot_classifier is None and self.class_prompts is not None:
                 if self.processing_class is None:
-                    raise ValueError("WSIClipTrainer: zero-shot evaluation needs processing_class (the processor or "
-                                     "tokenizer) to tokenise the class prompts.")
+                    raise ValueError(
+                        "WSIClipTrainer: zero-shot evaluation needs processing_class (the processor or "
+                        "tokenizer) to tokenise the class prompts."
+                    )
                 self._zero_shot_classifier = build_zero_shot_classifier(
-                    model, self.processing_class, self.class_prompts, self.zero_shot_batch_size).cpu()
+                    model, self.processing_class, self.class_prompts, self.zero_shot_batch_size
+                ).cpu()
         self._eval_logit_scale = float(out.logit_scale)
         batch = out.slide_embeds.shape[0]
         embeds = torch.stack([out.slide_embeds.float(), out.text_embeds.float()], dim=1)  # [B, 2, E]
         labels = inputs.get("class_labels")
         if labels is None:
             labels = torch.full((batch,), -1, dtype=torch.long, device=embeds.device)
-        ids = torch.stack([inputs["case_ids"], inputs["text_ids"] if "text_ids" in inputs else
-                           torch.arange(batch, device=embeds.device), labels.to(embeds.device)], dim=1)  # [B, 3]
+        ids = torch.stack(
+            [
+                inputs["case_ids"],
+                inputs["text_ids"] if "text_ids" in inputs else torch.arange(batch, device=embeds.device),
+                labels.to(embeds.device),
+            ],
+            dim=1,
+        )  # [B, 3]
         return None, embeds, ids
 
     def _clip_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
@@ -224,8 +283,9 @@ class WSIClipTrainer(ResumableTrainerMixin, Trainer):
         case_ids, text_ids, class_labels = ids[:, 0], ids[:, 1], ids[:, 2]
         metrics = retrieval_metrics(slide_embeds, text_embeds, case_ids, text_ids)
         if self._eval_logit_scale is not None:
-            metrics["loss"] = contrastive_loss_full(slide_embeds, text_embeds, self._eval_logit_scale, case_ids,
-                                                    text_ids)
+            metrics["loss"] = contrastive_loss_full(
+                slide_embeds, text_embeds, self._eval_logit_scale, case_ids, text_ids
+            )
         if self._zero_shot_classifier is not None and bool((class_labels >= 0).any()):
             scores = zero_shot_scores(slide_embeds, self._zero_shot_classifier)
             metrics.update(classification_metrics(class_labels, scores))

@@ -19,15 +19,15 @@ from wsi_clip import configuration_slide_encoder, masked_pooling, modeling_slide
 for _module in (configuration_slide_encoder, masked_pooling, modeling_slide_encoder, slide_towers):
     sys.modules.setdefault(f"{__name__}.{_module.__name__.rsplit('.', 1)[1]}", _module)
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from processing import WSIProcessor  # noqa: E402
-from wsi_clip.hub import register_model_kind  # noqa: E402
-from wsi_clip.slide_towers import load_slide_tower  # noqa: E402
+from processing import WSIProcessor, __version__
+from wsi_clip.hub import register_model_kind
+from wsi_clip.slide_towers import load_slide_tower
 
-from .configuration_wsillava import WSILlavaConfig  # noqa: E402
-from .inference import build_generation_inputs, generate_answers  # noqa: E402
-from .modeling_wsillava import (  # noqa: E402
+from .configuration_wsillava import WSILlavaConfig
+from .inference import build_generation_inputs, generate_answers
+from .modeling_wsillava import (
     WSILlavaCausalLMOutputWithPast,
     WSILlavaForConditionalGeneration,
     WSILlavaModel,
@@ -36,7 +36,7 @@ from .modeling_wsillava import (  # noqa: E402
     WSILlavaProjector,
     WSILlavaSlideFeatures,
 )
-from .token_selection import (  # noqa: E402
+from .token_selection import (
     TokenSelectionInputs,
     TokenSelectionOutput,
     available_token_selectors,
@@ -45,17 +45,35 @@ from .token_selection import (  # noqa: E402
     run_token_selector,
 )
 
-from processing import __version__  # noqa: E402  (one version for the distribution)
-
 AutoConfig.register(WSILlavaConfig.model_type, WSILlavaConfig, exist_ok=True)
 AutoModel.register(WSILlavaConfig, WSILlavaModel, exist_ok=True)
 AutoModelForImageTextToText.register(WSILlavaConfig, WSILlavaForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(WSILlavaConfig, WSIProcessor, exist_ok=True)
-register_model_kind(WSILlavaConfig.model_type, auto_class="AutoModelForImageTextToText",
-                    pipeline_tag="image-text-to-text", package=__name__, title="WSI-LLaVA slide language model")
+register_model_kind(
+    WSILlavaConfig.model_type,
+    auto_class="AutoModelForImageTextToText",
+    pipeline_tag="image-text-to-text",
+    package=__name__,
+    title="WSI-LLaVA slide language model",
+)
 
-__all__ = ["__version__", "WSILlavaConfig", "WSILlavaModel", "WSILlavaForConditionalGeneration",
-           "WSILlavaPreTrainedModel", "WSILlavaProjector", "WSILlavaSlideFeatures", "WSILlavaModelOutputWithPast",
-           "WSILlavaCausalLMOutputWithPast", "load_slide_tower", "TokenSelectionInputs", "TokenSelectionOutput",
-           "register_token_selector", "available_token_selectors", "get_token_selector", "run_token_selector",
-           "build_generation_inputs", "generate_answers"]
+__all__ = [
+    "__version__",
+    "WSILlavaConfig",
+    "WSILlavaModel",
+    "WSILlavaForConditionalGeneration",
+    "WSILlavaPreTrainedModel",
+    "WSILlavaProjector",
+    "WSILlavaSlideFeatures",
+    "WSILlavaModelOutputWithPast",
+    "WSILlavaCausalLMOutputWithPast",
+    "load_slide_tower",
+    "TokenSelectionInputs",
+    "TokenSelectionOutput",
+    "register_token_selector",
+    "available_token_selectors",
+    "get_token_selector",
+    "run_token_selector",
+    "build_generation_inputs",
+    "generate_answers",
+]

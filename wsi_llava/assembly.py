@@ -13,7 +13,8 @@ Training-only (not Hub-shipped): imports peft and ``processing`` freely.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,8 +41,9 @@ def parse_dtype(name: str | None) -> Any:
     return getattr(torch, name)
 
 
-def build_model_and_processor(model_args: ModelArguments, data_args: DataArguments, texts: Sequence[str] = ()
-                              ) -> tuple[WSILlavaForConditionalGeneration, WSIProcessor, bool]:
+def build_model_and_processor(
+    model_args: ModelArguments, data_args: DataArguments, texts: Sequence[str] = ()
+) -> tuple[WSILlavaForConditionalGeneration, WSIProcessor, bool]:
     """The model + processor described by the arguments; returns ``(model, processor, fresh_projector)``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -49,19 +51,23 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
 
     selection = parse_mapping(model_args.token_selection_kwargs, "token_selection_kwargs")
     if model_args.model_name_or_path:
-        model = WSILlavaForConditionalGeneration.from_pretrained(model_args.model_name_or_path,
-                                                                 dtype=parse_dtype(model_args.dtype))
+        model = WSILlavaForConditionalGeneration.from_pretrained(
+            model_args.model_name_or_path, dtype=parse_dtype(model_args.dtype)
+        )
         tokenizer_source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
         fresh = False
     else:
         if not (model_args.slide_encoder_name_or_path or model_args.slide_config):
-            raise ValueError("give --model_name_or_path (a WSI-LLaVA checkpoint) or a slide tower: "
-                             "--slide_encoder_name_or_path (SlideEncoder / WSI-CLIP checkpoint) or --slide_config "
-                             "(random init).")
+            raise ValueError(
+                "give --model_name_or_path (a WSI-LLaVA checkpoint) or a slide tower: "
+                "--slide_encoder_name_or_path (SlideEncoder / WSI-CLIP checkpoint) or --slide_config "
+                "(random init)."
+            )
         if not (model_args.language_model or model_args.language_model_config):
             raise ValueError("give --language_model (a causal-LM checkpoint) or --language_model_config.")
-        tower = model_args.slide_encoder_name_or_path or SlideEncoderModel(SlideEncoderConfig(
-            **parse_mapping(model_args.slide_config, "slide_config")))
+        tower = model_args.slide_encoder_name_or_path or SlideEncoderModel(
+            SlideEncoderConfig(**parse_mapping(model_args.slide_config, "slide_config"))
+        )
         lm_kwargs = {"trust_remote_code": model_args.trust_remote_code}
         if model_args.dtype:
             lm_kwargs["dtype"] = parse_dtype(model_args.dtype)
@@ -76,9 +82,14 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
                 raise ValueError("--language_model_config needs a model_type (e.g. 'llama').")
             lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **lm_config))
         model = WSILlavaForConditionalGeneration.from_parts(
-            tower, lm, token_selection=model_args.token_selection or "none", token_selection_kwargs=selection,
-            projector_gamma_init=model_args.projector_gamma_init, language_model_kwargs=lm_kwargs,
-            prepend_slide_embedding=model_args.prepend_slide_embedding)
+            tower,
+            lm,
+            token_selection=model_args.token_selection or "none",
+            token_selection_kwargs=selection,
+            projector_gamma_init=model_args.projector_gamma_init,
+            language_model_kwargs=lm_kwargs,
+            prepend_slide_embedding=model_args.prepend_slide_embedding,
+        )
         tokenizer_source = model_args.tokenizer_name_or_path or (lm if isinstance(lm, str) else None)
         fresh = True
     if model_args.token_selection:
@@ -95,9 +106,14 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
         raise ValueError("no tokenizer: pass --tokenizer_name_or_path (a path, or 'word' for a random demo LM).")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    processor = WSIProcessor(tokenizer=tokenizer, max_tiles=data_args.max_tiles, tile_sampling="uniform",
-                             feature_dim=model.config.vision_config.input_dim, slide_token=model_args.slide_token,
-                             max_length=data_args.max_length)
+    processor = WSIProcessor(
+        tokenizer=tokenizer,
+        max_tiles=data_args.max_tiles,
+        tile_sampling="uniform",
+        feature_dim=model.config.vision_config.input_dim,
+        slide_token=model_args.slide_token,
+        max_length=data_args.max_length,
+    )
     added = processor.ensure_slide_token()
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) != vocab and (added or len(tokenizer) > vocab or fresh):
@@ -124,7 +140,7 @@ def load_projector(model: WSILlavaForConditionalGeneration, source: str) -> None
 
     state = read_state_dict(source)
     prefix = f"model.{PROJECTOR_MODULE}."
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
         raise ValueError(f"{source}: no '{prefix}*' weights; pass a WSI-LLaVA checkpoint (e.g. a stage-2 output).")
     model.multi_modal_projector.load_state_dict(weights, strict=True)
@@ -139,8 +155,12 @@ def calibrate_gamma(model: WSILlavaForConditionalGeneration, batch: dict[str, to
     question = None
     if "question_embedding" in get_token_selector(inner.config.token_selection).requires:
         question = inner.question_embedding(batch["input_ids"].to(device), batch["question_mask"].to(device))
-    selection, _ = inner.select_slide_tokens(batch["tile_features"].to(device), batch["tile_coords"].to(device),
-                                             batch["tile_mask"].to(device), question_embedding=question)
+    selection, _ = inner.select_slide_tokens(
+        batch["tile_features"].to(device),
+        batch["tile_coords"].to(device),
+        batch["tile_mask"].to(device),
+        question_embedding=question,
+    )
     return inner.reset_projector_gamma(selection.tokens[selection.token_mask])  # [M, D] real selected tokens
 
 
@@ -152,24 +172,32 @@ class LoraTargetError(ValueError):
 def check_lora_targets(model: nn.Module, pattern: str) -> list[str]:
     """Module names fully matched by ``pattern``; refuses patterns that match nothing or anything outside the LM."""
     if pattern.strip() == "all-linear":
-        raise LoraTargetError("lora_target_modules='all-linear' would put LoRA on the slide tower and the projector "
-                              "too; use a regex limited to the language model, e.g. " + DEFAULT_LORA_TARGETS)
+        raise LoraTargetError(
+            "lora_target_modules='all-linear' would put LoRA on the slide tower and the projector "
+            "too; use a regex limited to the language model, e.g. " + DEFAULT_LORA_TARGETS
+        )
     try:
         regex = re.compile(pattern)
     except re.error as err:
         raise LoraTargetError(f"lora_target_modules {pattern!r} is not a valid regex ({err}).") from err
     names = [n for n, m in model.named_modules() if regex.fullmatch(n) and isinstance(m, nn.Linear)]
     if not names:
-        example = next((n for n, m in model.named_modules()
-                        if n.startswith("model.language_model.") and isinstance(m, nn.Linear)), "")
-        raise LoraTargetError(f"lora_target_modules regex {pattern!r} matches no linear layer (it must match full "
-                              f"module names, e.g. {example!r}). Fix: adapt the regex to your LM's layer names, "
-                              f"e.g. the default {DEFAULT_LORA_TARGETS!r}.")
+        example = next(
+            (n for n, m in model.named_modules() if n.startswith("model.language_model.") and isinstance(m, nn.Linear)),
+            "",
+        )
+        raise LoraTargetError(
+            f"lora_target_modules regex {pattern!r} matches no linear layer (it must match full "
+            f"module names, e.g. {example!r}). Fix: adapt the regex to your LM's layer names, "
+            f"e.g. the default {DEFAULT_LORA_TARGETS!r}."
+        )
     outside = [n for n in names if not n.startswith("model.language_model.")]
     if outside:
-        raise LoraTargetError(f"lora_target_modules regex {pattern!r} also matches modules outside the language "
-                              f"model (slide tower / projector): {outside[:5]}. Fix: restrict it to "
-                              "'model\\.language_model\\..*'.")
+        raise LoraTargetError(
+            f"lora_target_modules regex {pattern!r} also matches modules outside the language "
+            f"model (slide tower / projector): {outside[:5]}. Fix: restrict it to "
+            "'model\\.language_model\\..*'."
+        )
     return names
 
 
@@ -187,11 +215,17 @@ def prepare_stage(model: WSILlavaForConditionalGeneration, args: LlavaTrainingAr
     from peft import LoraConfig, get_peft_model
 
     check_lora_targets(model, args.lora_target_modules)
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=args.lora_target_modules, modules_to_save=[PROJECTOR_MODULE])
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        modules_to_save=[PROJECTOR_MODULE],
+    )
     peft_model = get_peft_model(model, config)
-    leaked = [n for n, p in peft_model.named_parameters()
-              if p.requires_grad and "lora_" in n and "language_model" not in n]
+    leaked = [
+        n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n and "language_model" not in n
+    ]
     if leaked:
         raise RuntimeError(f"LoRA parameters outside the language model: {leaked[:5]}")
     return peft_model
@@ -215,8 +249,9 @@ def save_merged(peft_model: nn.Module, output_dir: str, processor: WSIProcessor 
     return output_dir
 
 
-def merge_adapter(base: str | WSILlavaForConditionalGeneration, adapter: str, output_dir: str,
-                  processor: WSIProcessor | None = None) -> str:
+def merge_adapter(
+    base: str | WSILlavaForConditionalGeneration, adapter: str, output_dir: str, processor: WSIProcessor | None = None
+) -> str:
     """LoRA adapters (+ projector copy) saved in ``adapter`` merged into the base model (a checkpoint or a model),
     saved as a full WSI-LLaVA checkpoint."""
     from peft import PeftModel
@@ -225,6 +260,17 @@ def merge_adapter(base: str | WSILlavaForConditionalGeneration, adapter: str, ou
     return save_merged(PeftModel.from_pretrained(model, adapter), output_dir, processor)
 
 
-__all__ = ["build_model_and_processor", "load_projector", "calibrate_gamma", "parse_dtype", "prepare_stage",
-           "check_lora_targets", "LoraTargetError", "count_parameters", "save_merged", "merge_adapter",
-           "DEFAULT_LORA_TARGETS", "PROJECTOR_MODULE"]
+__all__ = [
+    "build_model_and_processor",
+    "load_projector",
+    "calibrate_gamma",
+    "parse_dtype",
+    "prepare_stage",
+    "check_lora_targets",
+    "LoraTargetError",
+    "count_parameters",
+    "save_merged",
+    "merge_adapter",
+    "DEFAULT_LORA_TARGETS",
+    "PROJECTOR_MODULE",
+]

@@ -1,8 +1,9 @@
 """Configuration of WSI-LLaVA: slide encoder → visual-token selection → gamma-scaled projector → any causal LM.
 
 Hub-shipped: ``save_pretrained`` copies this file and the files it imports next to the weights
-(:mod:`.remote_code`), so it imports only stdlib, transformers and ``.sibling`` modules. ``.configuration_slide_encoder``
-is ``wsi_clip``'s module: aliased by ``wsi_llava/__init__`` inside the package, the copy beside it in a checkpoint.
+(:mod:`.remote_code`), so it imports only stdlib, transformers and ``.sibling`` modules. The slide encoder's
+configuration is ``wsi_clip``'s module: aliased by ``wsi_llava/__init__`` inside the package, the copy beside this
+file in a checkpoint.
 """
 
 from __future__ import annotations
@@ -70,11 +71,15 @@ class WSILlavaConfig(PretrainedConfig):
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
         if not isinstance(self.token_selection, str) or not self.token_selection:
-            raise ValueError(f"token_selection={self.token_selection!r} must be the name of a registered selector "
-                             "(e.g. 'none', 'uniform', 'prumerge', 'prumerge_plus', 'topk_prompt').")
+            raise ValueError(
+                f"token_selection={self.token_selection!r} must be the name of a registered selector "
+                "(e.g. 'none', 'uniform', 'prumerge', 'prumerge_plus', 'topk_prompt')."
+            )
         if not isinstance(self.token_selection_kwargs, dict):
-            raise ValueError(f"token_selection_kwargs must be a dict of selector options, got "
-                             f"{type(self.token_selection_kwargs).__name__}.")
+            raise ValueError(
+                f"token_selection_kwargs must be a dict of selector options, got "
+                f"{type(self.token_selection_kwargs).__name__}."
+            )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         """As ``PretrainedConfig.save_pretrained``, with the Python files beside ``config.json`` and ``auto_map``

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 # One option marker: "A) x", "A. x", "A: x", "(A) x", on its own line or inline (WSI-Bench: "... A) x B) y").
 _OPTION = re.compile(r"(?:^|(?<=\s))(?:\(([A-H])\)|([A-H])[\).:])[ \t]+(?=\S)")
@@ -24,8 +25,10 @@ _OPTION = re.compile(r"(?:^|(?<=\s))(?:\(([A-H])\)|([A-H])[\).:])[ \t]+(?=\S)")
 _SET_OFF = r"(?:\)|(?=[.:,;!?]|[ \t]+[-\u2013\u2014]|\s*$))"
 _LETTER_PATTERNS = (
     re.compile(r"^\s*\(?([A-H])(?:[\).:,;]|\s*$|[ \t]*\n)"),  # "B", "B)", "B.", "B:", "(B) ...", "B. text"
-    re.compile(r"\b(?i:answers?|choose|chose|select|pick)\s*(?:(?i:is|would\s+be|should\s+be)\s*)?:?\s*"
-               r"\(?([A-H])" + _SET_OFF),  # "The answer is B.", "Answer: C", "I choose C"
+    re.compile(
+        r"\b(?i:answers?|choose|chose|select|pick)\s*(?:(?i:is|would\s+be|should\s+be)\s*)?:?\s*"
+        r"\(?([A-H])" + _SET_OFF
+    ),  # "The answer is B.", "Answer: C", "I choose C"
     re.compile(r"\b(?i:option|choice)\s*:?\s*\(?([A-H])\b(?![-'\u2019])"),  # "option D", "choice (B)"
     re.compile(r"\(([A-H])\)"),  # "I choose (C)"
     re.compile(r"\b([A-H])\)"),  # "... C) G3"
@@ -55,7 +58,7 @@ def question_option_texts(question: str) -> dict[str, str]:
     texts = {}
     for k, match in enumerate(best):
         end = best[k + 1].start() if k + 1 < len(best) else len(question)
-        texts[match.group(1) or match.group(2)] = question[match.end():end].strip().split("\n")[0].strip()
+        texts[match.group(1) or match.group(2)] = question[match.end() : end].strip().split("\n")[0].strip()
     return texts
 
 
@@ -89,8 +92,9 @@ def question_kind(question: str, answer: str) -> str:
     return "open"
 
 
-def parse_letter(text: str, letters: Sequence[str] = "ABCDEFGH",
-                 options: Mapping[str, str] | None = None) -> str | None:
+def parse_letter(
+    text: str, letters: Sequence[str] = "ABCDEFGH", options: Mapping[str, str] | None = None
+) -> str | None:
     """The option letter a free-text answer picks ("B", "(B) text", "The answer is B.", "option D"), or None.
 
     Only uppercase letters in ``letters`` count. Without a letter, an answer that states exactly one option's text
@@ -123,8 +127,11 @@ def _gold_and_prediction(item: Mapping[str, Any]) -> tuple[str | None, str | Non
     if item["kind"] == "choice":
         options = question_option_texts(item["question"])
         letters = list(options)
-        return (parse_letter(item["answer"], letters, options),
-                parse_letter(item.get("prediction") or "", letters, options), 1.0 / max(len(letters), 1))
+        return (
+            parse_letter(item["answer"], letters, options),
+            parse_letter(item.get("prediction") or "", letters, options),
+            1.0 / max(len(letters), 1),
+        )
     return parse_yes_no(item["answer"]), parse_yes_no(item.get("prediction") or ""), 0.5
 
 
@@ -146,8 +153,10 @@ def _reference_pairs(source: MajoritySource) -> list[tuple[str, str]]:
         if isinstance(entry, Mapping):
             pairs += gold_answers([entry])
         elif isinstance(entry, str):
-            raise TypeError("majority_source takes items or (kind, answer) pairs, not bare answers: the majority "
-                            "answer is taken per question kind (see gold_answers)")
+            raise TypeError(
+                "majority_source takes items or (kind, answer) pairs, not bare answers: the majority "
+                "answer is taken per question kind (see gold_answers)"
+            )
         elif entry[1] is not None:
             pairs.append((entry[0], entry[1]))
     return pairs
@@ -176,20 +185,26 @@ def closed_metrics(items: Sequence[dict[str, Any]], majority_source: MajoritySou
             source = [g for _, g, _, _ in own if g is not None]
         majority = Counter(source).most_common(1)[0][0] if source else None
         majority_of[kind] = majority
-        by_kind[kind] = {"n": len(own), "accuracy": sum(g is not None and g == p for _, g, p, _ in own) / len(own),
-                         "unparsed": sum(p is None for _, _, p, _ in own) / len(own),
-                         "majority_answer": majority,
-                         "majority_baseline": sum(g is not None and g == majority for _, g, _, _ in own) / len(own),
-                         "random_baseline": sum(c for *_, c in own) / len(own),
-                         "majority_from": "source" if from_source else "evaluated"}
+        by_kind[kind] = {
+            "n": len(own),
+            "accuracy": sum(g is not None and g == p for _, g, p, _ in own) / len(own),
+            "unparsed": sum(p is None for _, _, p, _ in own) / len(own),
+            "majority_answer": majority,
+            "majority_baseline": sum(g is not None and g == majority for _, g, _, _ in own) / len(own),
+            "random_baseline": sum(c for *_, c in own) / len(own),
+            "majority_from": "source" if from_source else "evaluated",
+        }
     n = len(rows)
-    return {"n": n, "accuracy": sum(g is not None and g == p for _, g, p, _ in rows) / n,
-            "unparsed": sum(p is None for _, _, p, _ in rows) / n,
-            "majority_answer": next(iter(majority_of.values())) if len(majority_of) == 1 else None,
-            "majority_answer_by_kind": majority_of,
-            "majority_baseline": sum(g is not None and g == majority_of[k] for k, g, _, _ in rows) / n,
-            "random_baseline": sum(c for *_, c in rows) / n,
-            "by_kind": by_kind}
+    return {
+        "n": n,
+        "accuracy": sum(g is not None and g == p for _, g, p, _ in rows) / n,
+        "unparsed": sum(p is None for _, _, p, _ in rows) / n,
+        "majority_answer": next(iter(majority_of.values())) if len(majority_of) == 1 else None,
+        "majority_answer_by_kind": majority_of,
+        "majority_baseline": sum(g is not None and g == majority_of[k] for k, g, _, _ in rows) / n,
+        "random_baseline": sum(c for *_, c in rows) / n,
+        "by_kind": by_kind,
+    }
 
 
 def _tokens(text: str) -> list[str]:
@@ -202,8 +217,10 @@ def open_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[
         from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
         from rouge_score import rouge_scorer
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("open-answer metrics need nltk and rouge-score: pip install 'wsi-mm[metrics]' "
-                          "(both work offline; no download at run time).") from err
+        raise ImportError(
+            "open-answer metrics need nltk and rouge-score: pip install 'wsi-mm[metrics]' "
+            "(both work offline; no download at run time)."
+        ) from err
     if not predictions:
         return {}
     smooth = SmoothingFunction().method4
@@ -230,11 +247,18 @@ def evaluation_items(dataset: Any) -> list[dict[str, Any]]:
             if turn["role"] != "assistant" or k == 0 or turns[k - 1]["role"] != "user":
                 continue
             question = turns[k - 1]["content"]
-            items.append({"h5_path": row["h5_path"], "slide_id": row.get("slide_id", ""),
-                          "id": f"{row.get('id') or row.get('slide_id', '')}#{k // 2}",
-                          "history": turns[:k], "question": question, "answer": turn["content"],
-                          "kind": question_kind(question, turn["content"]),
-                          "category": row.get("category") or row.get("Narrow Category") or ""})
+            items.append(
+                {
+                    "h5_path": row["h5_path"],
+                    "slide_id": row.get("slide_id", ""),
+                    "id": f"{row.get('id') or row.get('slide_id', '')}#{k // 2}",
+                    "history": turns[:k],
+                    "question": question,
+                    "answer": turn["content"],
+                    "kind": question_kind(question, turn["content"]),
+                    "category": row.get("category") or row.get("Narrow Category") or "",
+                }
+            )
     return items
 
 
@@ -250,5 +274,15 @@ def summarize(items: Sequence[dict[str, Any]], majority_source: MajoritySource |
     return report
 
 
-__all__ = ["question_kind", "question_options", "question_option_texts", "parse_letter", "parse_yes_no",
-           "gold_answers", "closed_metrics", "open_metrics", "evaluation_items", "summarize"]
+__all__ = [
+    "question_kind",
+    "question_options",
+    "question_option_texts",
+    "parse_letter",
+    "parse_yes_no",
+    "gold_answers",
+    "closed_metrics",
+    "open_metrics",
+    "evaluation_items",
+    "summarize",
+]

@@ -7,14 +7,21 @@ prompt is the training prefix of its answer token for token (and the question ma
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import BatchFeature
 
 
-def build_generation_inputs(processor: Any, slides: Sequence[Any] | None, questions: Sequence[str | Sequence[dict]],
-                            *, max_tiles: int | None = None, tile_sampling: str | None = None) -> BatchFeature:
+def build_generation_inputs(
+    processor: Any,
+    slides: Sequence[Any] | None,
+    questions: Sequence[str | Sequence[dict]],
+    *,
+    max_tiles: int | None = None,
+    tile_sampling: str | None = None,
+) -> BatchFeature:
     """Slides (H5 paths, ``SlideFeatures``, tensors …) + questions (strings or conversations ending with a user turn)
     → ``tile_features``/``tile_coords``/``tile_mask`` and **left-padded** ``input_ids``/``attention_mask``/
     ``question_mask`` (the tokens of each prompt's last question, for prompt-guided token selection).
@@ -36,18 +43,26 @@ def build_generation_inputs(processor: Any, slides: Sequence[Any] | None, questi
     question = torch.zeros((len(prompts), length), dtype=torch.bool)  # [B, T]
     for i, prompt in enumerate(prompts):
         n = len(prompt["input_ids"])
-        input_ids[i, length - n:] = torch.tensor(prompt["input_ids"], dtype=torch.long)
-        question[i, length - n:] = torch.tensor(prompt["question_mask"], dtype=torch.bool)
-        attention[i, length - n:] = 1
+        input_ids[i, length - n :] = torch.tensor(prompt["input_ids"], dtype=torch.long)
+        question[i, length - n :] = torch.tensor(prompt["question_mask"], dtype=torch.bool)
+        attention[i, length - n :] = 1
     data.update(input_ids=input_ids, attention_mask=attention, question_mask=question)
     return BatchFeature(data=data, tensor_type="pt")
 
 
 @torch.no_grad()
-def generate_answers(model: Any, processor: Any, slides: Sequence[Any] | None,
-                     questions: Sequence[str | Sequence[dict]], *,
-                     batch_size: int = 8, max_tiles: int | None = None, tile_sampling: str | None = None,
-                     progress: bool = False, **generate_kwargs: Any) -> list[str]:
+def generate_answers(
+    model: Any,
+    processor: Any,
+    slides: Sequence[Any] | None,
+    questions: Sequence[str | Sequence[dict]],
+    *,
+    batch_size: int = 8,
+    max_tiles: int | None = None,
+    tile_sampling: str | None = None,
+    progress: bool = False,
+    **generate_kwargs: Any,
+) -> list[str]:
     """Answer ``questions[i]`` about ``slides[i]`` in batches; greedy unless ``do_sample=True`` is passed.
 
     Returns the decoded new text of each answer (``processor.batch_decode(..., skip_special_tokens=True)``).
@@ -58,20 +73,25 @@ def generate_answers(model: Any, processor: Any, slides: Sequence[Any] | None,
     generate_kwargs.setdefault("max_new_tokens", 64)
     generate_kwargs.setdefault("do_sample", False)
     tokenizer = processor.tokenizer
-    generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                               else tokenizer.eos_token_id)
+    generate_kwargs.setdefault(
+        "pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     if tokenizer.eos_token_id is not None:
         generate_kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     device = next(model.parameters()).device
     answers: list[str] = []
     starts = range(0, len(questions), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress):
-        batch = build_generation_inputs(processor, None if slides is None else slides[start:start + batch_size],
-                                        questions[start:start + batch_size], max_tiles=max_tiles,
-                                        tile_sampling=tile_sampling).to(device)
+        batch = build_generation_inputs(
+            processor,
+            None if slides is None else slides[start : start + batch_size],
+            questions[start : start + batch_size],
+            max_tiles=max_tiles,
+            tile_sampling=tile_sampling,
+        ).to(device)
         ids = model.generate(**batch, **generate_kwargs)
         if slides is None:  # a plain LM generate returns prompt + new tokens; keep the new ones, as with slides
-            ids = ids[:, batch["input_ids"].shape[1]:]
+            ids = ids[:, batch["input_ids"].shape[1] :]
         answers.extend(t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True))
     return answers
 

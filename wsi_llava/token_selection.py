@@ -21,8 +21,9 @@ Every built-in is vectorised over tiles and slides (no Python loop over tokens) 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +84,9 @@ class _Registered:
 _REGISTRY: dict[str, _Registered] = {}
 
 
-def register_token_selector(name: str, *, requires: tuple[str, ...] | list[str] = (), overwrite: bool = False
-                            ) -> Callable[[Any], Any]:
+def register_token_selector(
+    name: str, *, requires: tuple[str, ...] | list[str] = (), overwrite: bool = False
+) -> Callable[[Any], Any]:
     """Decorator registering a token selector under ``name`` (then usable as ``config.token_selection``).
 
     ``requires`` lists the optional inputs the selector reads, so the model computes them only when needed:
@@ -94,13 +96,16 @@ def register_token_selector(name: str, *, requires: tuple[str, ...] | list[str] 
     requires = tuple(requires)
     unknown = [r for r in requires if r not in KNOWN_REQUIREMENTS]
     if unknown:
-        raise ValueError(f"register_token_selector({name!r}): unknown requirement(s) {unknown}; choose from "
-                         f"{KNOWN_REQUIREMENTS}.")
+        raise ValueError(
+            f"register_token_selector({name!r}): unknown requirement(s) {unknown}; choose from {KNOWN_REQUIREMENTS}."
+        )
 
     def decorator(obj: Any) -> Any:
         if name in _REGISTRY and not overwrite and _REGISTRY[name].fn is not obj:
-            raise ValueError(f"a token selector named {name!r} is already registered; pass overwrite=True to "
-                             "replace it or choose another name.")
+            raise ValueError(
+                f"a token selector named {name!r} is already registered; pass overwrite=True to "
+                "replace it or choose another name."
+            )
         fn = obj() if isinstance(obj, type) else obj
         if not callable(fn):
             raise TypeError(f"register_token_selector({name!r}) needs a function or a class with __call__.")
@@ -116,8 +121,10 @@ def available_token_selectors() -> list[str]:
 
 def get_token_selector(name: str) -> _Registered:
     if name not in _REGISTRY:
-        raise KeyError(f"unknown token selector {name!r}; registered: {available_token_selectors()}. Register yours "
-                       "with @wsi_llava.register_token_selector(name) before building or calling the model.")
+        raise KeyError(
+            f"unknown token selector {name!r}; registered: {available_token_selectors()}. Register yours "
+            "with @wsi_llava.register_token_selector(name) before building or calling the model."
+        )
     return _REGISTRY[name]
 
 
@@ -132,11 +139,18 @@ def run_token_selector(name: str, inputs: TokenSelectionInputs, **options: Any) 
     if not isinstance(out, TokenSelectionOutput):
         raise TypeError(f"token selector {name!r} must return a TokenSelectionOutput, got {type(out).__name__}.")
     k = out.tokens.shape[1] if out.tokens.dim() == 3 else -1
-    if (out.tokens.dim() != 3 or out.tokens.shape[0] != batch or out.tokens.shape[2] != dim
-            or tuple(out.token_mask.shape) != (batch, k) or tuple(out.indices.shape) != (batch, k)):
-        raise ValueError(f"token selector {name!r} returned tokens {tuple(out.tokens.shape)}, mask "
-                         f"{tuple(out.token_mask.shape)}, indices {tuple(out.indices.shape)}; expected [B={batch}, K, "
-                         f"D={dim}], [B, K], [B, K].")
+    if (
+        out.tokens.dim() != 3
+        or out.tokens.shape[0] != batch
+        or out.tokens.shape[2] != dim
+        or tuple(out.token_mask.shape) != (batch, k)
+        or tuple(out.indices.shape) != (batch, k)
+    ):
+        raise ValueError(
+            f"token selector {name!r} returned tokens {tuple(out.tokens.shape)}, mask "
+            f"{tuple(out.token_mask.shape)}, indices {tuple(out.indices.shape)}; expected [B={batch}, K, "
+            f"D={dim}], [B, K], [B, K]."
+        )
     if not bool(out.token_mask.any(dim=1).all()):
         raise ValueError(f"token selector {name!r} kept no token for some slide; keep at least one per slide.")
     return out
@@ -202,8 +216,9 @@ def spatial_uniform_keep(grid: Tensor, mask: Tensor, scores: Tensor, budget: Ten
     key = (torch.arange(batch, device=mask.device).view(-1, 1) * span + cells[..., 1]) * span + cells[..., 0]
     key = key.masked_fill(~mask, -1).reshape(-1)  # [B*N]
     # best score first, then group by cell (stable): the first entry of each cell's run is its best tile
-    by_score = torch.argsort(scores.reshape(-1).float().masked_fill(~mask.reshape(-1), float("-inf")),
-                             descending=True, stable=True)
+    by_score = torch.argsort(
+        scores.reshape(-1).float().masked_fill(~mask.reshape(-1), float("-inf")), descending=True, stable=True
+    )
     by_cell = by_score[torch.argsort(key[by_score], stable=True)]
     sorted_key = key[by_cell]
     first = torch.ones_like(sorted_key, dtype=torch.bool)
@@ -216,10 +231,13 @@ def spatial_uniform_keep(grid: Tensor, mask: Tensor, scores: Tensor, budget: Ten
 def check_max_tokens(selector: str, max_tokens: Any) -> int:
     """``max_tokens`` as an int, or a clear ``ValueError`` unless it is a whole number ``>= 1``."""
     whole = (isinstance(max_tokens, int) and not isinstance(max_tokens, bool)) or (
-        isinstance(max_tokens, float) and max_tokens.is_integer())
+        isinstance(max_tokens, float) and max_tokens.is_integer()
+    )
     if not whole or max_tokens < 1:
-        raise ValueError(f"{selector}: max_tokens={max_tokens!r} must be a whole number >= 1 (the most visual tokens "
-                         "a slide may emit).")
+        raise ValueError(
+            f"{selector}: max_tokens={max_tokens!r} must be a whole number >= 1 (the most visual tokens "
+            "a slide may emit)."
+        )
     return int(max_tokens)
 
 
@@ -262,16 +280,27 @@ def select_topk_prompt(inputs: TokenSelectionInputs, max_tokens: int = 256, **op
     query = inputs.question_embedding  # [B, E]
     space = inputs.project(tokens) if inputs.project is not None else tokens  # [B, N, E]
     if query.shape[-1] != space.shape[-1]:
-        raise ValueError(f"topk_prompt: question embedding has dimension {query.shape[-1]} but visual tokens have "
-                         f"{space.shape[-1]}; pass a question embedding in the LM's input space.")
+        raise ValueError(
+            f"topk_prompt: question embedding has dimension {query.shape[-1]} but visual tokens have "
+            f"{space.shape[-1]}; pass a question embedding in the LM's input space."
+        )
     scores = F.cosine_similarity(space.float(), query.float().unsqueeze(1), dim=-1)  # [B, N]
     keep = mask & (rank_descending(scores, mask) < max_tokens)
     return TokenSelectionOutput(*compact(keep, tokens))
 
 
-def _prumerge(inputs: TokenSelectionInputs, *, add_back: float, whisker: float, merge_neighbors: int,
-              merge: str, summary_token: bool, min_tokens: int, max_tokens: int | None,
-              name: str = "prumerge") -> TokenSelectionOutput:
+def _prumerge(
+    inputs: TokenSelectionInputs,
+    *,
+    add_back: float,
+    whisker: float,
+    merge_neighbors: int,
+    merge: str,
+    summary_token: bool,
+    min_tokens: int,
+    max_tokens: int | None,
+    name: str = "prumerge",
+) -> TokenSelectionOutput:
     """Shared body of PruMerge / PruMerge+ (see :func:`select_prumerge`, :func:`select_prumerge_plus`)."""
     if merge not in ("average", "upstream"):
         raise ValueError(f"{name}: merge={merge!r} must be 'average' (paper) or 'upstream' (released code).")
@@ -283,8 +312,11 @@ def _prumerge(inputs: TokenSelectionInputs, *, add_back: float, whisker: float, 
     keep = iqr_outliers(attn, mask, whisker) | (mask & (rank < int(min_tokens)))  # [B, N]
 
     def spatial(budget: Tensor) -> Tensor:  # [B] → [B, N] about budget_b spatially uniform tiles
-        return spatial_uniform_keep(inputs.grid, mask, attn, budget) if inputs.grid is not None \
+        return (
+            spatial_uniform_keep(inputs.grid, mask, attn, budget)
+            if inputs.grid is not None
             else uniform_keep(mask, budget)
+        )
 
     if max_tokens is None:
         if add_back > 0:  # PruMerge+: spatially uniform samples, about add_back × |outliers| more
@@ -343,9 +375,16 @@ def _prumerge(inputs: TokenSelectionInputs, *, add_back: float, whisker: float, 
 
 
 @register_token_selector("prumerge", requires=("cls_attention", "keys"))
-def select_prumerge(inputs: TokenSelectionInputs, whisker: float = 1.5, merge_neighbors: int = 32,
-                    merge: str = "average", summary_token: bool = True, min_tokens: int = 1,
-                    max_tokens: int | None = None, **options: Any) -> TokenSelectionOutput:
+def select_prumerge(
+    inputs: TokenSelectionInputs,
+    whisker: float = 1.5,
+    merge_neighbors: int = 32,
+    merge: str = "average",
+    summary_token: bool = True,
+    min_tokens: int = 1,
+    max_tokens: int | None = None,
+    **options: Any,
+) -> TokenSelectionOutput:
     """LLaVA-PruMerge (adaptive K per slide).
 
     1. ``a`` = last layer's CLS→tile attention, mean over heads (computed in O(N), never the full matrix).
@@ -364,14 +403,31 @@ def select_prumerge(inputs: TokenSelectionInputs, whisker: float = 1.5, merge_ne
     slide emits its single most attended tile (even with ``min_tokens=0``). ``max_tokens < 1`` raises
     ``ValueError``.
     """
-    return _prumerge(inputs, add_back=0.0, whisker=whisker, merge_neighbors=merge_neighbors, merge=merge,
-                     summary_token=summary_token, min_tokens=min_tokens, max_tokens=max_tokens, name="prumerge")
+    return _prumerge(
+        inputs,
+        add_back=0.0,
+        whisker=whisker,
+        merge_neighbors=merge_neighbors,
+        merge=merge,
+        summary_token=summary_token,
+        min_tokens=min_tokens,
+        max_tokens=max_tokens,
+        name="prumerge",
+    )
 
 
 @register_token_selector("prumerge_plus", requires=("cls_attention", "keys"))
-def select_prumerge_plus(inputs: TokenSelectionInputs, add_back: float = 3.0, whisker: float = 1.5,
-                         merge_neighbors: int = 32, merge: str = "average", summary_token: bool = True,
-                         min_tokens: int = 1, max_tokens: int | None = None, **options: Any) -> TokenSelectionOutput:
+def select_prumerge_plus(
+    inputs: TokenSelectionInputs,
+    add_back: float = 3.0,
+    whisker: float = 1.5,
+    merge_neighbors: int = 32,
+    merge: str = "average",
+    summary_token: bool = True,
+    min_tokens: int = 1,
+    max_tokens: int | None = None,
+    **options: Any,
+) -> TokenSelectionOutput:
     """PruMerge+: PruMerge's outliers plus about ``add_back`` × as many spatially uniform tiles (one per cell of a
     square grid over the tissue, the most attended tile of each cell; upstream adds every ``N/(3K)``-th patch, i.e.
     ~3× the outliers), then the same merge and summary token.
@@ -391,11 +447,33 @@ def select_prumerge_plus(inputs: TokenSelectionInputs, add_back: float = 3.0, wh
     3. the summary token, if anything was pruned: ``≤ R + S = max_tokens`` tokens in all.
 
     ``max_tokens < 1`` or ``add_back < 0`` raise ``ValueError``."""
-    return _prumerge(inputs, add_back=add_back, whisker=whisker, merge_neighbors=merge_neighbors, merge=merge,
-                     summary_token=summary_token, min_tokens=min_tokens, max_tokens=max_tokens, name="prumerge_plus")
+    return _prumerge(
+        inputs,
+        add_back=add_back,
+        whisker=whisker,
+        merge_neighbors=merge_neighbors,
+        merge=merge,
+        summary_token=summary_token,
+        min_tokens=min_tokens,
+        max_tokens=max_tokens,
+        name="prumerge_plus",
+    )
 
 
-__all__ = ["TokenSelectionInputs", "TokenSelectionOutput", "TokenSelector", "register_token_selector",
-           "available_token_selectors", "get_token_selector", "run_token_selector", "compact", "iqr_outliers",
-           "uniform_keep", "spatial_uniform_keep", "rank_descending", "trim_evenly", "check_max_tokens",
-           "KNOWN_REQUIREMENTS"]
+__all__ = [
+    "TokenSelectionInputs",
+    "TokenSelectionOutput",
+    "TokenSelector",
+    "register_token_selector",
+    "available_token_selectors",
+    "get_token_selector",
+    "run_token_selector",
+    "compact",
+    "iqr_outliers",
+    "uniform_keep",
+    "spatial_uniform_keep",
+    "rank_descending",
+    "trim_evenly",
+    "check_max_tokens",
+    "KNOWN_REQUIREMENTS",
+]

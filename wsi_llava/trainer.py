@@ -15,12 +15,16 @@ from .assembly import PROJECTOR_MODULE
 
 def projector_gamma(model: nn.Module) -> float | None:
     """Current gamma of the *trained* projector (the peft ``modules_to_save`` copy when wrapped)."""
-    found = [(n, p) for n, p in model.named_parameters() if n.endswith(f"{PROJECTOR_MODULE}.gamma")
-             or (PROJECTOR_MODULE in n and n.endswith(".gamma"))]
+    found = [
+        (n, p)
+        for n, p in model.named_parameters()
+        if n.endswith(f"{PROJECTOR_MODULE}.gamma") or (PROJECTOR_MODULE in n and n.endswith(".gamma"))
+    ]
     if not found:
         return None
-    trained = [p for n, p in found if "modules_to_save" in n] or [p for _, p in found if p.requires_grad] \
-        or [found[0][1]]
+    trained = (
+        [p for n, p in found if "modules_to_save" in n] or [p for _, p in found if p.requires_grad] or [found[0][1]]
+    )
     return float(trained[0].detach().float())
 
 
@@ -31,8 +35,9 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     tokens (all cut by truncation) are left out."""
     shift_logits = logits[:, :-1].float()  # [B, L-1, V]
     shift_labels = labels[:, 1:].to(logits.device)  # [B, L-1]
-    token_loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                                   shift_labels.reshape(-1), ignore_index=-100, reduction="none")
+    token_loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
+    )
     token_loss = token_loss.view_as(shift_labels)  # [B, L-1]
     counts = (shift_labels != -100).sum(dim=1)  # [B]
     per_example = token_loss.sum(dim=1) / counts.clamp_min(1)  # [B]
@@ -59,16 +64,22 @@ class WSILlavaTrainer(ResumableTrainerMixin, Trainer):
             for name, param in opt_model.named_parameters():
                 if param.requires_grad:
                     groups.setdefault((PROJECTOR_MODULE in name, name in decay), []).append(param)
-            param_groups = [{"params": params, "weight_decay": self.args.weight_decay if is_decay else 0.0,
-                             "lr": self.projector_lr if is_projector else self.args.learning_rate}
-                            for (is_projector, is_decay), params in sorted(groups.items())]
+            param_groups = [
+                {
+                    "params": params,
+                    "weight_decay": self.args.weight_decay if is_decay else 0.0,
+                    "lr": self.projector_lr if is_projector else self.args.learning_rate,
+                }
+                for (is_projector, is_decay), params in sorted(groups.items())
+            ]
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             optimizer_kwargs.pop("lr", None)
             self.optimizer = optimizer_cls(param_groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return super().create_optimizer(model)
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if getattr(self.args, "loss_average", "token") == "sample" and model.training:
             loss = per_sample_loss(outputs.logits, outputs.labels)

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 def build_word_tokenizer(texts: Sequence[str], extra_tokens: Sequence[str] = ()):
@@ -22,8 +23,9 @@ def build_word_tokenizer(texts: Sequence[str], extra_tokens: Sequence[str] = ())
     core.pre_tokenizer = pre
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
     core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>",
-                                   eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def conversation_texts(rows: Iterable[dict[str, Any]]) -> list[str]:

@@ -32,8 +32,10 @@ UPSTREAM_RECORDED = {1024: (4.9, 15.6), 4096: (23.2, 15.6), 16384: (148.0, 15.6)
 
 @dataclass
 class Args:
-    sizes: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 65536],
-                             metadata={"help": "numbers of tiles N for the inference measurements"})
+    sizes: list[int] = field(
+        default_factory=lambda: [1024, 4096, 16384, 65536],
+        metadata={"help": "numbers of tiles N for the inference measurements"},
+    )
     train_size: int = field(default=16384, metadata={"help": "N of the train-mode step (0: skip)"})
     depth: int = 12
     hidden_size: int = 768
@@ -50,6 +52,7 @@ class Args:
 # ----------------------------------------------------------------------------------------------------------------
 # FLOP model
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def model_flops(config, num_tiles: int) -> float:
     """Matmul FLOPs of one forward at B=1 (see module docstring)."""
@@ -89,14 +92,20 @@ def gemm_throughput(dim: int, ffn: int, rows: int = 2048, reps: int = 6) -> tupl
 # One measurement (child process)
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _build(args: Args):
     import torch
 
     from wsi_clip import SlideEncoderConfig, SlideEncoderModel
 
     torch.manual_seed(0)
-    config = SlideEncoderConfig(input_dim=args.input_dim, hidden_size=args.hidden_size, num_hidden_layers=args.depth,
-                                num_attention_heads=args.heads, intermediate_size=args.ffn_dim)
+    config = SlideEncoderConfig(
+        input_dim=args.input_dim,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.depth,
+        num_attention_heads=args.heads,
+        intermediate_size=args.ffn_dim,
+    )
     return SlideEncoderModel(config)
 
 
@@ -173,8 +182,10 @@ def run_child(args: Args) -> dict:
         predicted = base + (_peak_rss_gb() - base) * num_tiles / probe
         result["predicted_peak_gb"] = predicted
         if predicted > 0.92 * (_available_gb() + base):
-            result.update(skipped=f"needs about {predicted:.1f} GB, {_available_gb() + base:.1f} GB available",
-                          checkpointing=rest[1] == "ckpt")
+            result.update(
+                skipped=f"needs about {predicted:.1f} GB, {_available_gb() + base:.1f} GB available",
+                checkpointing=rest[1] == "ckpt",
+            )
             return result
         result["rss_before_gb"] = _current_rss_gb()
         start = time.perf_counter()
@@ -204,23 +215,28 @@ def _spawn(args: Args, spec: str) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         return {"child": spec, "error": (proc.stderr or proc.stdout)[-2000:]}
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def run(args: Args) -> None:
     if args.child:
         print("RESULT " + json.dumps(run_child(args)), flush=True)
         return
-    print(f"slide encoder benchmark: {args.depth} layers, width {args.hidden_size}, {args.heads} heads, FFN "
-          f"{args.ffn_dim}, input {args.input_dim}; fp32, B=1, CPU, {os.cpu_count()} CPUs; one subprocess per row")
+    print(
+        f"slide encoder benchmark: {args.depth} layers, width {args.hidden_size}, {args.heads} heads, FFN "
+        f"{args.ffn_dim}, input {args.input_dim}; fp32, B=1, CPU, {os.cpu_count()} CPUs; one subprocess per row"
+    )
     released = (args.depth, args.hidden_size, args.heads, args.ffn_dim, args.input_dim) == (12, 768, 16, 3072, 1536)
     rows = []
-    header = (f"{'N':>7} {'seconds':>9} {'tiles/s':>9} {'peak RSS GB':>12} {'TFLOP':>7} {'GEMM GF/s':>10} "
-              f"{'efficiency':>10} {'eff. (CPU time)':>15}   recorded upstream (not this run)")
+    header = (
+        f"{'N':>7} {'seconds':>9} {'tiles/s':>9} {'peak RSS GB':>12} {'TFLOP':>7} {'GEMM GF/s':>10} "
+        f"{'efficiency':>10} {'eff. (CPU time)':>15}   recorded upstream (not this run)"
+    )
     print(header)
     for n in args.sizes:
         r = _spawn(args, f"forward:{n}")
@@ -231,11 +247,16 @@ def run(args: Args) -> None:
         r["efficiency"] = r["flops"] / r["gemm_flops_per_s"] / r["seconds"]
         r["efficiency_cpu"] = r["flops"] / r["gemm_flops_per_cpu_s"] / r["cpu_seconds"]
         upstream = UPSTREAM_RECORDED.get(n) if released else None
-        note = (f"{upstream[0]:.1f} s, {upstream[1]:.1f} GB (this run is {upstream[0] / r['seconds']:.1f}x faster)"
-                if upstream else "")
-        print(f"{n:>7} {r['seconds']:>9.2f} {n / r['seconds']:>9.0f} {r['peak_rss_gb']:>12.2f} {r['flops'] / 1e12:>7.2f} "
-              f"{r['gemm_flops_per_s'] / 1e9:>10.1f} {r['efficiency']:>10.2f} {r['efficiency_cpu']:>15.2f}   {note}",
-              flush=True)
+        note = (
+            f"{upstream[0]:.1f} s, {upstream[1]:.1f} GB (this run is {upstream[0] / r['seconds']:.1f}x faster)"
+            if upstream
+            else ""
+        )
+        print(
+            f"{n:>7} {r['seconds']:>9.2f} {n / r['seconds']:>9.0f} {r['peak_rss_gb']:>12.2f} {r['flops'] / 1e12:>7.2f} "
+            f"{r['gemm_flops_per_s'] / 1e9:>10.1f} {r['efficiency']:>10.2f} {r['efficiency_cpu']:>15.2f}   {note}",
+            flush=True,
+        )
 
     train = []
     if args.train_size:
@@ -249,14 +270,19 @@ def run(args: Args) -> None:
             elif "skipped" in r:
                 print(f"  {label:>22}: skipped, {r['skipped']} (measured on N={max(256, args.train_size // 8)})")
             else:
-                print(f"  {label:>22}: {r['seconds']:.1f} s (forward {r['forward_seconds']:.1f} s), peak RSS "
-                      f"{r['peak_rss_gb']:.2f} GB", flush=True)
+                print(
+                    f"  {label:>22}: {r['seconds']:.1f} s (forward {r['forward_seconds']:.1f} s), peak RSS "
+                    f"{r['peak_rss_gb']:.2f} GB",
+                    flush=True,
+                )
 
     by_n = {r["n"]: r for r in rows if "error" not in r}
     checks = []
     if 16384 in by_n:
-        checks += [("efficiency at 16k >= 0.65", by_n[16384]["efficiency"] >= 0.65, f"{by_n[16384]['efficiency']:.2f}"),
-                   ("peak RSS at 16k <= 1.5 GB", by_n[16384]["peak_rss_gb"] <= 1.5, f"{by_n[16384]['peak_rss_gb']:.2f}")]
+        checks += [
+            ("efficiency at 16k >= 0.65", by_n[16384]["efficiency"] >= 0.65, f"{by_n[16384]['efficiency']:.2f}"),
+            ("peak RSS at 16k <= 1.5 GB", by_n[16384]["peak_rss_gb"] <= 1.5, f"{by_n[16384]['peak_rss_gb']:.2f}"),
+        ]
     if 65536 in by_n:
         checks.append(("peak RSS at 64k <= 5 GB", by_n[65536]["peak_rss_gb"] <= 5, f"{by_n[65536]['peak_rss_gb']:.2f}"))
         if 16384 in by_n:

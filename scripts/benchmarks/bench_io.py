@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
@@ -46,8 +46,10 @@ def _best_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dic
 def run(args: Args) -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        print(f"{'N':>7} {'dtype':>7} {'raw MB/s':>9} {'raw+f32':>8} {'read_slide':>10} {'vs raw':>7} "
-              f"{'vs raw+f32':>10} | {'sampled':>8} {'sampled/full':>12}")
+        print(
+            f"{'N':>7} {'dtype':>7} {'raw MB/s':>9} {'raw+f32':>8} {'read_slide':>10} {'vs raw':>7} "
+            f"{'vs raw+f32':>10} | {'sampled':>8} {'sampled/full':>12}"
+        )
         for n in args.sizes:
             side = int(np.ceil(np.sqrt(n)))
             coords = np.stack([np.arange(n) % side, np.arange(n) // side], 1) * 256  # row-major on disk
@@ -64,15 +66,24 @@ def run(args: Args) -> None:
                         return f["features"][()].astype(np.float32, copy=False)
 
                 k = min(args.sample_rows, n)
-                t = _best_interleaved({
-                    "raw": raw, "raw32": raw_f32, "full": lambda: read_slide(path),
-                    "sample": lambda: read_slide(path, max_tiles=k, tile_sampling="random", seed=0),
-                }, args.repeats)
+                t = _best_interleaved(
+                    {
+                        "raw": raw,
+                        "raw32": raw_f32,
+                        "full": lambda: read_slide(path),
+                        "sample": lambda: read_slide(path, max_tiles=k, tile_sampling="random", seed=0),
+                    },
+                    args.repeats,
+                )
                 t_raw, t_raw32, t_full, t_sample = t["raw"], t["raw32"], t["full"], t["sample"]
                 mb = n * args.feature_dim * np.dtype(dtype).itemsize / 2**20
-                print(f"{n:>7} {dtype:>7} {mb / t_raw:>9.0f} {t_raw / t_raw32:>7.2f}x {t_full * 1e3:>8.1f}ms "
-                      f"{t_raw / t_full:>6.2f}x {t_raw32 / t_full:>9.2f}x | {t_sample * 1e3:>6.1f}ms "
-                      f"{t_sample / t_full:>11.3f}")
-    print("\nvs raw     = raw h5py time (native dtype, no conversion) / read_slide time (float32, validated, sorted)"
-          "\nvs raw+f32 = raw h5py read + astype(float32) / read_slide time  (the work a float32 consumer needs)"
-          "\nsampled    = read_slide(max_tiles=sample_rows, tile_sampling='random'); target sampled/full <= 0.2")
+                print(
+                    f"{n:>7} {dtype:>7} {mb / t_raw:>9.0f} {t_raw / t_raw32:>7.2f}x {t_full * 1e3:>8.1f}ms "
+                    f"{t_raw / t_full:>6.2f}x {t_raw32 / t_full:>9.2f}x | {t_sample * 1e3:>6.1f}ms "
+                    f"{t_sample / t_full:>11.3f}"
+                )
+    print(
+        "\nvs raw     = raw h5py time (native dtype, no conversion) / read_slide time (float32, validated, sorted)"
+        "\nvs raw+f32 = raw h5py read + astype(float32) / read_slide time  (the work a float32 consumer needs)"
+        "\nsampled    = read_slide(max_tiles=sample_rows, tile_sampling='random'); target sampled/full <= 0.2"
+    )

@@ -6,10 +6,34 @@ Importable as ``demo_data`` with ``scripts/`` on ``sys.path`` (a script run from
 ``conftest.py`` adds it).
 """
 
-from .generator import (CLASS_PROMPTS, CSV_COLUMNS, DEMO_CLASSES, DEMO_TEXTS_DIR, SPLITS, ZERO_SHOT_TEMPLATES,
-                        DemoDataArguments, DemoText, MultipleChoiceQuestion, diagnosis_question, load_demo_texts,
-                        main, make_demo_dataset)
+from .generator import (
+    CLASS_PROMPTS,
+    CSV_COLUMNS,
+    DEMO_CLASSES,
+    DEMO_TEXTS_DIR,
+    SPLITS,
+    ZERO_SHOT_TEMPLATES,
+    DemoDataArguments,
+    DemoText,
+    MultipleChoiceQuestion,
+    diagnosis_question,
+    load_demo_texts,
+    main,
+    make_demo_dataset,
+)
 
-__all__ = ["make_demo_dataset", "main", "load_demo_texts", "diagnosis_question", "DemoDataArguments", "DemoText",
-           "MultipleChoiceQuestion", "CLASS_PROMPTS", "ZERO_SHOT_TEMPLATES", "DEMO_CLASSES", "DEMO_TEXTS_DIR",
-           "CSV_COLUMNS", "SPLITS"]
+__all__ = [
+    "make_demo_dataset",
+    "main",
+    "load_demo_texts",
+    "diagnosis_question",
+    "DemoDataArguments",
+    "DemoText",
+    "MultipleChoiceQuestion",
+    "CLASS_PROMPTS",
+    "ZERO_SHOT_TEMPLATES",
+    "DEMO_CLASSES",
+    "DEMO_TEXTS_DIR",
+    "CSV_COLUMNS",
+    "SPLITS",
+]

@@ -38,37 +38,68 @@ import json
 import re
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from processing.coordinates import spatial_order
 from processing.slide_io import SOURCE_LAYOUTS, write_slide
 
-
 DEMO_TEXTS_DIR = Path(__file__).resolve().parent / "texts"
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
-CSV_COLUMNS: tuple[str, ...] = ("h5_path", "caption", "question", "answer", "slide_id", "dataset", "case_id",
-                                "split", "label")
+CSV_COLUMNS: tuple[str, ...] = (
+    "h5_path",
+    "caption",
+    "question",
+    "answer",
+    "slide_id",
+    "dataset",
+    "case_id",
+    "split",
+    "label",
+)
 FEATURE_DTYPES: tuple[str, ...] = ("float16", "float32")
 DISK_ORDERS: tuple[str, ...] = ("column_major", "shuffled", "row_major")  # column-major: CLAM-like
 
 # Zero-shot prompts (TITAN / CONCH style: several names per class × templates, embeddings averaged).
 CLASS_PROMPTS: dict[str, list[str]] = {
-    "BRCA": ["invasive breast carcinoma", "breast invasive carcinoma", "invasive ductal carcinoma of the breast",
-             "invasive lobular carcinoma of the breast", "breast cancer"],
-    "LUAD": ["lung adenocarcinoma", "adenocarcinoma of the lung", "non-small cell lung adenocarcinoma",
-             "invasive pulmonary adenocarcinoma"],
-    "COAD": ["colon adenocarcinoma", "adenocarcinoma of the colon", "colorectal adenocarcinoma",
-             "invasive adenocarcinoma of the large bowel"],
-    "LGG": ["lower grade glioma", "diffuse low-grade glioma", "oligodendroglioma", "diffuse astrocytoma",
-            "brain lower grade glioma"],
+    "BRCA": [
+        "invasive breast carcinoma",
+        "breast invasive carcinoma",
+        "invasive ductal carcinoma of the breast",
+        "invasive lobular carcinoma of the breast",
+        "breast cancer",
+    ],
+    "LUAD": [
+        "lung adenocarcinoma",
+        "adenocarcinoma of the lung",
+        "non-small cell lung adenocarcinoma",
+        "invasive pulmonary adenocarcinoma",
+    ],
+    "COAD": [
+        "colon adenocarcinoma",
+        "adenocarcinoma of the colon",
+        "colorectal adenocarcinoma",
+        "invasive adenocarcinoma of the large bowel",
+    ],
+    "LGG": [
+        "lower grade glioma",
+        "diffuse low-grade glioma",
+        "oligodendroglioma",
+        "diffuse astrocytoma",
+        "brain lower grade glioma",
+    ],
 }
 ZERO_SHOT_TEMPLATES: list[str] = [
-    "{}.", "a whole slide image of {}.", "an H&E stained slide of {}.", "a histopathology slide showing {}.",
-    "pathology report of {}.", "the diagnosis is {}.",
+    "{}.",
+    "a whole slide image of {}.",
+    "an H&E stained slide of {}.",
+    "a histopathology slide showing {}.",
+    "pathology report of {}.",
+    "the diagnosis is {}.",
 ]
 DEMO_CLASSES: tuple[str, ...] = tuple(CLASS_PROMPTS)
 
@@ -109,8 +140,10 @@ class DemoText:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: demo text file missing. Restore it from the repository, or regenerate the "
-                                "folder with scripts/build_demo_texts.py.")
+        raise FileNotFoundError(
+            f"{path}: demo text file missing. Restore it from the repository, or regenerate the "
+            "folder with scripts/build_demo_texts.py."
+        )
     with path.open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
@@ -124,21 +157,31 @@ def load_demo_texts(texts_dir: str | Path | None = None) -> dict[str, list[DemoT
     questions: dict[str, list[MultipleChoiceQuestion]] = {}
     for rec in _read_jsonl(root / "vqa.jsonl"):
         questions.setdefault(rec["slide_id"], []).append(
-            MultipleChoiceQuestion(rec["source"], rec["question"], dict(rec["options"]), rec["answer"]))
+            MultipleChoiceQuestion(rec["source"], rec["question"], dict(rec["options"]), rec["answer"])
+        )
     by_label: dict[str, list[DemoText]] = {}
     seen_cases: set[str] = set()
     for name, text_key in (("captions.jsonl", "caption"), ("reports.jsonl", "report")):
         for rec in _read_jsonl(root / name):
             if rec["case_id"] in seen_cases:
-                raise ValueError(f"{root}: case {rec['case_id']} occurs twice in the demo texts; one patient must "
-                                 "give one demo case. Regenerate with scripts/build_demo_texts.py.")
+                raise ValueError(
+                    f"{root}: case {rec['case_id']} occurs twice in the demo texts; one patient must "
+                    "give one demo case. Regenerate with scripts/build_demo_texts.py."
+                )
             seen_cases.add(rec["case_id"])
             if not questions.get(rec["slide_id"]):
                 continue
-            by_label.setdefault(rec["label"], []).append(DemoText(
-                source=rec["source"], slide_id=rec["slide_id"], case_id=rec["case_id"], label=rec["label"],
-                caption_question=rec["question"], caption=rec[text_key],
-                questions=tuple(questions[rec["slide_id"]])))
+            by_label.setdefault(rec["label"], []).append(
+                DemoText(
+                    source=rec["source"],
+                    slide_id=rec["slide_id"],
+                    case_id=rec["case_id"],
+                    label=rec["label"],
+                    caption_question=rec["question"],
+                    caption=rec[text_key],
+                    questions=tuple(questions[rec["slide_id"]]),
+                )
+            )
     return by_label
 
 
@@ -149,22 +192,33 @@ class DemoDataArguments:
 
     output_dir: str = field(default="demo_data", metadata={"help": "Folder to write the demo data set into."})
     num_cases: int = field(default=64, metadata={"help": "Number of cases (patients), spread evenly over classes."})
-    classes: list[str] = field(default_factory=lambda: list(DEMO_CLASSES),
-                               metadata={"help": f"Class labels to use, among {list(DEMO_CLASSES)}."})
-    feature_dim: int = field(default=1536, metadata={"help": "Tile feature dimension D (Prov-GigaPath: 1536; "
-                                                             "64–128 makes a fast demo)."})
+    classes: list[str] = field(
+        default_factory=lambda: list(DEMO_CLASSES),
+        metadata={"help": f"Class labels to use, among {list(DEMO_CLASSES)}."},
+    )
+    feature_dim: int = field(
+        default=1536, metadata={"help": "Tile feature dimension D (Prov-GigaPath: 1536; 64–128 makes a fast demo)."}
+    )
     min_tiles: int = field(default=60, metadata={"help": "Fewest tiles per slide."})
     max_tiles: int = field(default=400, metadata={"help": "Most tiles per slide."})
     max_slides_per_case: int = field(default=3, metadata={"help": "Most slides per case (1 = one slide each)."})
     multi_slide_fraction: float = field(default=0.35, metadata={"help": "Fraction of cases with 2+ slides."})
     lesion_fraction_min: float = field(default=0.10, metadata={"help": "Smallest fraction of lesion tiles."})
     lesion_fraction_max: float = field(default=0.25, metadata={"help": "Largest fraction of lesion tiles."})
-    signal_strength: float = field(default=1.2, metadata={
-        "help": "Norm of the class direction added to lesion tiles, relative to a background tile (before the "
-                "per-tile rescaling to tile_norm)."})
-    background_confound: float = field(default=0.1, metadata={
-        "help": "How much background tissue types and slide-level shifts lie along the class directions "
-                "(a confounder: larger makes mean pooling weaker)."})
+    signal_strength: float = field(
+        default=1.2,
+        metadata={
+            "help": "Norm of the class direction added to lesion tiles, relative to a background tile (before the "
+            "per-tile rescaling to tile_norm)."
+        },
+    )
+    background_confound: float = field(
+        default=0.1,
+        metadata={
+            "help": "How much background tissue types and slide-level shifts lie along the class directions "
+            "(a confounder: larger makes mean pooling weaker)."
+        },
+    )
     tile_norm: float = field(default=33.0, metadata={"help": "Mean L2 norm of a tile vector (GigaPath: ~33)."})
     patch_size: int = field(default=256, metadata={"help": "Tile stride in level-0 pixels."})
     validation_fraction: float = field(default=0.2, metadata={"help": "Fraction of each class's cases in validation."})
@@ -238,8 +292,9 @@ class _FeatureSpace:
     confound: float  # how much backgrounds and slide shifts lie along the class directions
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, num_classes: int, feature_dim: int, confound: float,
-               num_tissue_types: int = 8) -> "_FeatureSpace":
+    def sample(
+        cls, rng: np.random.Generator, num_classes: int, feature_dim: int, confound: float, num_tissue_types: int = 8
+    ) -> _FeatureSpace:
         if feature_dim < num_classes:
             raise ValueError(f"feature_dim={feature_dim} must be at least the number of classes ({num_classes}).")
         basis, _ = np.linalg.qr(rng.standard_normal((feature_dim, num_classes)))  # [D, K] orthonormal columns
@@ -249,8 +304,15 @@ class _FeatureSpace:
         prototypes += confound * rng.standard_normal((num_tissue_types, num_classes)) @ directions
         return cls(prototypes, directions, confound)
 
-    def slide(self, rng: np.random.Generator, cells: np.ndarray, lesion: np.ndarray, class_index: int,
-              strength: float, tile_norm: float) -> np.ndarray:
+    def slide(
+        self,
+        rng: np.random.Generator,
+        cells: np.ndarray,
+        lesion: np.ndarray,
+        class_index: int,
+        strength: float,
+        tile_norm: float,
+    ) -> np.ndarray:
         """``[N, D]`` float32 tile features of one slide (row i ↔ grid cell ``cells[i]``)."""
         num_tiles, dim = len(cells), self.prototypes.shape[1]
         num_regions = int(rng.integers(3, 7))
@@ -263,8 +325,10 @@ class _FeatureSpace:
         features = weights @ self.prototypes[region_type]  # [N, D] background tissue
         # slide-level stain / scanner shift, partly along the class directions: a confounder that no linear
         # read-out of the mean-pooled features can remove, but that does not hide the lesion's local contrast
-        features += 0.3 * rng.standard_normal(dim) + self.confound * rng.standard_normal(len(self.class_directions)) \
-            @ self.class_directions
+        features += (
+            0.3 * rng.standard_normal(dim)
+            + self.confound * rng.standard_normal(len(self.class_directions)) @ self.class_directions
+        )
         features += 0.7 * rng.standard_normal((num_tiles, dim))  # tile-level variation
         intensity = lesion * rng.uniform(0.7, 1.0, num_tiles)  # [N], 0 outside the lesion
         features += strength * intensity[:, None] * self.class_directions[class_index]
@@ -292,8 +356,9 @@ def _extra_slide_ids(slide_id: str, count: int) -> list[str]:
     return [slide_id] + [f"{stem}{number + j}" for j in range(1, count)]
 
 
-def _assign_splits(rng: np.random.Generator, cases: list[_Case], validation_fraction: float,
-                   test_fraction: float) -> None:
+def _assign_splits(
+    rng: np.random.Generator, cases: list[_Case], validation_fraction: float, test_fraction: float
+) -> None:
     """Split each class's cases (stratified, by case: a case's slides never straddle splits)."""
     for class_index in sorted({c.class_index for c in cases}):
         members = [c for c in cases if c.class_index == class_index]
@@ -321,8 +386,10 @@ def _check_arguments(a: DemoDataArguments) -> None:
     if a.num_cases < max(1, len(a.classes)):
         problems.append(f"num_cases={a.num_cases} must be at least the number of classes ({len(a.classes)})")
     if a.feature_dim < max(1, len(a.classes)):
-        problems.append(f"feature_dim={a.feature_dim} must be at least the number of classes ({len(a.classes)}), "
-                        "one orthogonal direction per class")
+        problems.append(
+            f"feature_dim={a.feature_dim} must be at least the number of classes ({len(a.classes)}), "
+            "one orthogonal direction per class"
+        )
     if not 1 <= a.min_tiles <= a.max_tiles:
         problems.append(f"need 1 <= min_tiles <= max_tiles (got {a.min_tiles}, {a.max_tiles})")
     if a.max_slides_per_case < 1:
@@ -330,19 +397,28 @@ def _check_arguments(a: DemoDataArguments) -> None:
     if not 0.0 <= a.multi_slide_fraction <= 1.0:
         problems.append(f"multi_slide_fraction={a.multi_slide_fraction} must be in [0, 1]")
     if not 0.0 < a.lesion_fraction_min <= a.lesion_fraction_max <= 1.0:
-        problems.append(f"need 0 < lesion_fraction_min <= lesion_fraction_max <= 1 (got {a.lesion_fraction_min}, "
-                        f"{a.lesion_fraction_max})")
+        problems.append(
+            f"need 0 < lesion_fraction_min <= lesion_fraction_max <= 1 (got {a.lesion_fraction_min}, "
+            f"{a.lesion_fraction_max})"
+        )
     if a.validation_fraction < 0 or a.test_fraction < 0 or a.validation_fraction + a.test_fraction >= 1.0:
-        problems.append(f"validation_fraction + test_fraction must be in [0, 1) (got {a.validation_fraction}, "
-                        f"{a.test_fraction})")
+        problems.append(
+            f"validation_fraction + test_fraction must be in [0, 1) (got {a.validation_fraction}, {a.test_fraction})"
+        )
     if a.patch_size < 1 or a.tile_norm <= 0:
         problems.append(f"patch_size ({a.patch_size}) and tile_norm ({a.tile_norm}) must be positive")
     if problems:
         raise ValueError("make_demo_dataset: " + "; ".join(problems) + ".")
 
 
-_OWNED_FILES = ("annotations.csv", "class_prompts.json", "lesion_tiles.json", "demo_info.json",
-                *(f"{s}.csv" for s in SPLITS), *(f"llava_{k}_{s}.json" for k in ("caption", "instruct") for s in SPLITS))
+_OWNED_FILES = (
+    "annotations.csv",
+    "class_prompts.json",
+    "lesion_tiles.json",
+    "demo_info.json",
+    *(f"{s}.csv" for s in SPLITS),
+    *(f"llava_{k}_{s}.json" for k in ("caption", "instruct") for s in SPLITS),
+)
 
 
 def _prepare_output(output_dir: Path, overwrite: bool) -> Path:
@@ -351,8 +427,10 @@ def _prepare_output(output_dir: Path, overwrite: bool) -> Path:
     existing = [output_dir / n for n in _OWNED_FILES if (output_dir / n).exists()]
     old_slides = sorted(slides_dir.glob("*.h5")) if slides_dir.is_dir() else []
     if (existing or old_slides) and not overwrite:
-        raise FileExistsError(f"{output_dir} already holds a demo data set ({len(old_slides)} slides). Pass "
-                              "overwrite=True (--overwrite) to replace it, or choose another output_dir.")
+        raise FileExistsError(
+            f"{output_dir} already holds a demo data set ({len(old_slides)} slides). Pass "
+            "overwrite=True (--overwrite) to replace it, or choose another output_dir."
+        )
     for path in existing + old_slides:
         path.unlink()
     slides_dir.mkdir(parents=True, exist_ok=True)
@@ -371,19 +449,28 @@ def _conversation(question: str, answer: str, *, first: bool) -> list[dict[str, 
 _DEFAULTS = DemoDataArguments()
 
 
-def make_demo_dataset(output_dir: str | Path, *, num_cases: int = _DEFAULTS.num_cases,
-                      classes: Sequence[str] = DEMO_CLASSES, feature_dim: int = _DEFAULTS.feature_dim,
-                      min_tiles: int = _DEFAULTS.min_tiles, max_tiles: int = _DEFAULTS.max_tiles,
-                      max_slides_per_case: int = _DEFAULTS.max_slides_per_case,
-                      multi_slide_fraction: float = _DEFAULTS.multi_slide_fraction,
-                      lesion_fraction_min: float = _DEFAULTS.lesion_fraction_min,
-                      lesion_fraction_max: float = _DEFAULTS.lesion_fraction_max,
-                      signal_strength: float = _DEFAULTS.signal_strength,
-                      background_confound: float = _DEFAULTS.background_confound,
-                      tile_norm: float = _DEFAULTS.tile_norm, patch_size: int = _DEFAULTS.patch_size,
-                      validation_fraction: float = _DEFAULTS.validation_fraction,
-                      test_fraction: float = _DEFAULTS.test_fraction, seed: int = _DEFAULTS.seed,
-                      overwrite: bool = _DEFAULTS.overwrite, texts_dir: str | Path | None = None) -> dict[str, Any]:
+def make_demo_dataset(
+    output_dir: str | Path,
+    *,
+    num_cases: int = _DEFAULTS.num_cases,
+    classes: Sequence[str] = DEMO_CLASSES,
+    feature_dim: int = _DEFAULTS.feature_dim,
+    min_tiles: int = _DEFAULTS.min_tiles,
+    max_tiles: int = _DEFAULTS.max_tiles,
+    max_slides_per_case: int = _DEFAULTS.max_slides_per_case,
+    multi_slide_fraction: float = _DEFAULTS.multi_slide_fraction,
+    lesion_fraction_min: float = _DEFAULTS.lesion_fraction_min,
+    lesion_fraction_max: float = _DEFAULTS.lesion_fraction_max,
+    signal_strength: float = _DEFAULTS.signal_strength,
+    background_confound: float = _DEFAULTS.background_confound,
+    tile_norm: float = _DEFAULTS.tile_norm,
+    patch_size: int = _DEFAULTS.patch_size,
+    validation_fraction: float = _DEFAULTS.validation_fraction,
+    test_fraction: float = _DEFAULTS.test_fraction,
+    seed: int = _DEFAULTS.seed,
+    overwrite: bool = _DEFAULTS.overwrite,
+    texts_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """Write the synthetic demo data set (see the module docstring) and return its paths and a summary.
 
     Deterministic: the same arguments give byte-identical files. Raises ``ValueError`` on bad options (all
@@ -391,12 +478,25 @@ def make_demo_dataset(output_dir: str | Path, *, num_cases: int = _DEFAULTS.num_
     """
     classes = list(classes)
     options = DemoDataArguments(
-        output_dir=str(output_dir), num_cases=num_cases, classes=classes, feature_dim=feature_dim,
-        min_tiles=min_tiles, max_tiles=max_tiles, max_slides_per_case=max_slides_per_case,
-        multi_slide_fraction=multi_slide_fraction, lesion_fraction_min=lesion_fraction_min,
-        lesion_fraction_max=lesion_fraction_max, signal_strength=signal_strength,
-        background_confound=background_confound, tile_norm=tile_norm, patch_size=patch_size,
-        validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed, overwrite=overwrite)
+        output_dir=str(output_dir),
+        num_cases=num_cases,
+        classes=classes,
+        feature_dim=feature_dim,
+        min_tiles=min_tiles,
+        max_tiles=max_tiles,
+        max_slides_per_case=max_slides_per_case,
+        multi_slide_fraction=multi_slide_fraction,
+        lesion_fraction_min=lesion_fraction_min,
+        lesion_fraction_max=lesion_fraction_max,
+        signal_strength=signal_strength,
+        background_confound=background_confound,
+        tile_norm=tile_norm,
+        patch_size=patch_size,
+        validation_fraction=validation_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        overwrite=overwrite,
+    )
     _check_arguments(options)
     texts = load_demo_texts(texts_dir)
     space_seq, plan_seq, slide_seq = np.random.SeedSequence(seed).spawn(3)
@@ -409,8 +509,10 @@ def make_demo_dataset(output_dir: str | Path, *, num_cases: int = _DEFAULTS.num_
         pool = sorted(texts.get(label, []), key=lambda t: (t.source, t.slide_id))
         if wanted > len(pool):
             most = len(classes) * min(len(texts.get(c, [])) for c in classes)
-            raise ValueError(f"num_cases={num_cases} needs {wanted} {label} cases but only {len(pool)} real {label} "
-                             f"texts are shipped; use num_cases <= {most} for classes {classes}.")
+            raise ValueError(
+                f"num_cases={num_cases} needs {wanted} {label} cases but only {len(pool)} real {label} "
+                f"texts are shipped; use num_cases <= {most} for classes {classes}."
+            )
         pools.append([pool[i] for i in plan_rng.permutation(len(pool))[:wanted]])
     cases = [_Case(i, pools[i % len(classes)][i // len(classes)], i % len(classes)) for i in range(num_cases)]
     _assign_splits(plan_rng, cases, validation_fraction, test_fraction)
@@ -438,23 +540,48 @@ def make_demo_dataset(output_dir: str | Path, *, num_cases: int = _DEFAULTS.num_
         features = space.slide(rng, cells, lesion, case.class_index, signal_strength, tile_norm)  # [N, D]
         perm = _disk_order(rng, coords, order)
         h5_name = f"{slide_id}.h5"
-        write_slide(slides_dir / h5_name, features[perm], coords[perm], layout=layout,
-                    patch_size_level0=patch_size, dtype=dtype)
-        lesions[slide_id] = {"label": case.text.label, "lesion_fraction": round(float(lesion.mean()), 4),
-                             "lesion_coords": coords[lesion].tolist()}
-        slide_info.append({"slide_id": slide_id, "case_id": case.text.case_id, "label": case.text.label,
-                           "split": case.split, "layout": layout, "dtype": dtype, "disk_order": order,
-                           "num_tiles": num_tiles, "num_lesion_tiles": int(lesion.sum())})
+        write_slide(
+            slides_dir / h5_name, features[perm], coords[perm], layout=layout, patch_size_level0=patch_size, dtype=dtype
+        )
+        lesions[slide_id] = {
+            "label": case.text.label,
+            "lesion_fraction": round(float(lesion.mean()), 4),
+            "lesion_coords": coords[lesion].tolist(),
+        }
+        slide_info.append(
+            {
+                "slide_id": slide_id,
+                "case_id": case.text.case_id,
+                "label": case.text.label,
+                "split": case.split,
+                "layout": layout,
+                "dtype": dtype,
+                "disk_order": order,
+                "num_tiles": num_tiles,
+                "num_lesion_tiles": int(lesion.sum()),
+            }
+        )
         first = case.text.questions[0]
-        rows.append({"h5_path": f"slides/{h5_name}", "caption": case.text.caption, "question": first.prompt(),
-                     "answer": first.answer, "slide_id": slide_id, "dataset": case.text.dataset,
-                     "case_id": case.text.case_id, "split": case.split, "label": case.text.label})
+        rows.append(
+            {
+                "h5_path": f"slides/{h5_name}",
+                "caption": case.text.caption,
+                "question": first.prompt(),
+                "answer": first.answer,
+                "slide_id": slide_id,
+                "dataset": case.text.dataset,
+                "case_id": case.text.case_id,
+                "split": case.split,
+                "label": case.text.label,
+            }
+        )
 
     # annotations
     paths: dict[str, Any] = {"output_dir": str(output_dir), "slides_dir": str(slides_dir)}
     paths["annotations"] = str(_write_csv(output_dir / "annotations.csv", rows))
-    paths["splits"] = {s: str(_write_csv(output_dir / f"{s}.csv", [r for r in rows if r["split"] == s]))
-                       for s in SPLITS}
+    paths["splits"] = {
+        s: str(_write_csv(output_dir / f"{s}.csv", [r for r in rows if r["split"] == s])) for s in SPLITS
+    }
     llava = _llava_records(cases)
     paths["llava"] = {kind: {} for kind in llava}
     for kind, records in llava.items():
@@ -463,14 +590,19 @@ def make_demo_dataset(output_dir: str | Path, *, num_cases: int = _DEFAULTS.num_
             _write_json(path, [r for r in records if r["split"] == split])
             paths["llava"][kind][split] = str(path)
     paths["class_prompts"] = str(output_dir / "class_prompts.json")
-    _write_json(output_dir / "class_prompts.json",
-                {"classnames": {c: CLASS_PROMPTS[c] for c in classes}, "templates": ZERO_SHOT_TEMPLATES})
+    _write_json(
+        output_dir / "class_prompts.json",
+        {"classnames": {c: CLASS_PROMPTS[c] for c in classes}, "templates": ZERO_SHOT_TEMPLATES},
+    )
     paths["lesion_tiles"] = str(output_dir / "lesion_tiles.json")
     _write_json(output_dir / "lesion_tiles.json", lesions)
 
     summary = {
-        "num_cases": len(cases), "num_slides": len(rows), "num_tiles": sum(s["num_tiles"] for s in slide_info),
-        "classes": classes, "feature_dim": feature_dim,
+        "num_cases": len(cases),
+        "num_slides": len(rows),
+        "num_tiles": sum(s["num_tiles"] for s in slide_info),
+        "classes": classes,
+        "feature_dim": feature_dim,
         "cases_per_split": {s: sum(c.split == s for c in cases) for s in SPLITS},
         "slides_per_split": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
         "layouts": dict(Counter(s["layout"] for s in slide_info)),
@@ -479,10 +611,16 @@ def make_demo_dataset(output_dir: str | Path, *, num_cases: int = _DEFAULTS.num_
     }
     parameters = {k: v for k, v in asdict(options).items() if k not in ("output_dir", "overwrite")}
     paths["demo_info"] = str(output_dir / "demo_info.json")
-    _write_json(output_dir / "demo_info.json", {
-        "description": "Synthetic slide features paired with real SlideBench / WSI-Bench texts; see "
-                       "scripts/demo_data/texts/NOTICE.md for the texts' origin, licence and citations.",
-        "parameters": parameters, "summary": summary, "slides": slide_info})
+    _write_json(
+        output_dir / "demo_info.json",
+        {
+            "description": "Synthetic slide features paired with real SlideBench / WSI-Bench texts; see "
+            "scripts/demo_data/texts/NOTICE.md for the texts' origin, licence and citations.",
+            "parameters": parameters,
+            "summary": summary,
+            "slides": slide_info,
+        },
+    )
     return {**paths, **summary}
 
 
@@ -508,28 +646,48 @@ def diagnosis_question(classes: Sequence[str]) -> str:
 def _llava_records(cases: list[_Case]) -> dict[str, list[dict[str, Any]]]:
     """LLaVA-style records per slide: caption/report generation, VQA (multi-turn for every other case), and the
     slide-grounded diagnosis question (:func:`diagnosis_question`)."""
-    classes = sorted({case.text.label for case in cases}, key=lambda c: list(CLASS_PROMPTS).index(c)
-                     if c in CLASS_PROMPTS else len(CLASS_PROMPTS))
+    classes = sorted(
+        {case.text.label for case in cases},
+        key=lambda c: list(CLASS_PROMPTS).index(c) if c in CLASS_PROMPTS else len(CLASS_PROMPTS),
+    )
     question = diagnosis_question(classes)
     caption, instruct, diagnosis = [], [], []
     for case in cases:
         text = case.text
         for slide_id in case.slide_ids:
-            meta = {"image": f"slides/{slide_id}.h5", "slide_id": slide_id, "case_id": text.case_id,
-                    "label": text.label, "dataset": text.dataset, "split": case.split}
-            caption.append({"id": f"{slide_id}-caption", **meta,
-                            "conversations": _conversation(text.caption_question, text.caption, first=True)})
+            meta = {
+                "image": f"slides/{slide_id}.h5",
+                "slide_id": slide_id,
+                "case_id": text.case_id,
+                "label": text.label,
+                "dataset": text.dataset,
+                "split": case.split,
+            }
+            caption.append(
+                {
+                    "id": f"{slide_id}-caption",
+                    **meta,
+                    "conversations": _conversation(text.caption_question, text.caption, first=True),
+                }
+            )
             letter = chr(ord("A") + classes.index(text.label))
-            diagnosis.append({"id": f"{slide_id}-diagnosis", **meta,
-                              "conversations": _conversation(question, letter, first=True)})
+            diagnosis.append(
+                {"id": f"{slide_id}-diagnosis", **meta, "conversations": _conversation(question, letter, first=True)}
+            )
             if len(text.questions) > 1 and case.case_index % 2 == 0:
-                turns = [t for k, q in enumerate(text.questions) for t in _conversation(q.prompt(), q.answer,
-                                                                                         first=k == 0)]
+                turns = [
+                    t for k, q in enumerate(text.questions) for t in _conversation(q.prompt(), q.answer, first=k == 0)
+                ]
                 instruct.append({"id": f"{slide_id}-vqa-multi", **meta, "conversations": turns})
             else:
-                instruct.extend({"id": f"{slide_id}-vqa-{k}", **meta,
-                                 "conversations": _conversation(q.prompt(), q.answer, first=True)}
-                                for k, q in enumerate(text.questions))
+                instruct.extend(
+                    {
+                        "id": f"{slide_id}-vqa-{k}",
+                        **meta,
+                        "conversations": _conversation(q.prompt(), q.answer, first=True),
+                    }
+                    for k, q in enumerate(text.questions)
+                )
     return {"caption": caption, "instruct": instruct, "diagnosis": diagnosis}
 
 
@@ -539,14 +697,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     from transformers import HfArgumentParser  # heavy import, only for the CLI
 
     (args,) = HfArgumentParser(DemoDataArguments).parse_args_into_dataclasses(
-        args=list(argv) if argv is not None else sys.argv[1:])
+        args=list(argv) if argv is not None else sys.argv[1:]
+    )
     options = asdict(args)
     summary = make_demo_dataset(options.pop("output_dir"), **options)
-    print(f"Demo data set written to {summary['output_dir']}: {summary['num_cases']} cases, "
-          f"{summary['num_slides']} slides, {summary['num_tiles']} tiles (D = {summary['feature_dim']}), "
-          f"cases per split {summary['cases_per_split']}, layouts {summary['layouts']}, dtypes {summary['dtypes']}.")
+    print(
+        f"Demo data set written to {summary['output_dir']}: {summary['num_cases']} cases, "
+        f"{summary['num_slides']} slides, {summary['num_tiles']} tiles (D = {summary['feature_dim']}), "
+        f"cases per split {summary['cases_per_split']}, layouts {summary['layouts']}, dtypes {summary['dtypes']}."
+    )
     print(f"Annotations: {summary['annotations']}; zero-shot prompts: {summary['class_prompts']}.")
 
 
-__all__ = ["make_demo_dataset", "main", "load_demo_texts", "DemoDataArguments", "DemoText",
-           "MultipleChoiceQuestion", "CLASS_PROMPTS", "ZERO_SHOT_TEMPLATES", "DEMO_CLASSES", "CSV_COLUMNS", "SPLITS"]
+__all__ = [
+    "make_demo_dataset",
+    "main",
+    "load_demo_texts",
+    "DemoDataArguments",
+    "DemoText",
+    "MultipleChoiceQuestion",
+    "CLASS_PROMPTS",
+    "ZERO_SHOT_TEMPLATES",
+    "DEMO_CLASSES",
+    "CSV_COLUMNS",
+    "SPLITS",
+]

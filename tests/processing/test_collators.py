@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import grid_coords
 from processing import ContrastiveCollator, InstructionCollator, WSIProcessor, stable_id, write_slide
+
+from conftest import grid_coords
 
 
 @pytest.fixture
@@ -19,11 +20,23 @@ def rows(tmp_path):
     rng = np.random.default_rng(0)
     out = []
     for i, (n, case) in enumerate([(12, "c1"), (5, "c1"), (9, "c2"), (7, "c3")]):
-        path = write_slide(tmp_path / f"s{i}.h5", rng.standard_normal((n, 4)), grid_coords(n),
-                           layout=["seed", "clam", "trident", "seed"][i])
-        out.append({"h5_path": str(path), "caption": "invasive ductal carcinoma" if case == "c1" else f"tumor {i}",
-                    "case_id": case, "slide_id": f"s{i}", "question": "what is the grade ?", "answer": "high grade",
-                    "row": i + 1})
+        path = write_slide(
+            tmp_path / f"s{i}.h5",
+            rng.standard_normal((n, 4)),
+            grid_coords(n),
+            layout=["seed", "clam", "trident", "seed"][i],
+        )
+        out.append(
+            {
+                "h5_path": str(path),
+                "caption": "invasive ductal carcinoma" if case == "c1" else f"tumor {i}",
+                "case_id": case,
+                "slide_id": f"s{i}",
+                "question": "what is the grade ?",
+                "answer": "high grade",
+                "row": i + 1,
+            }
+        )
     return out
 
 
@@ -44,8 +57,10 @@ def test_contrastive_batch(processor, rows):
 
 
 def test_instruction_batch_masks_prompt_and_padding(processor, rows):
-    rows[1]["conversations"] = [{"role": "user", "content": "what is the type ?"},
-                                {"role": "assistant", "content": "invasive ductal carcinoma of the breast"}]
+    rows[1]["conversations"] = [
+        {"role": "user", "content": "what is the type ?"},
+        {"role": "assistant", "content": "invasive ductal carcinoma of the breast"},
+    ]
     batch = InstructionCollator(processor, tile_sampling="uniform")(rows)
     ids, labels, attn = batch["input_ids"], batch["labels"], batch["attention_mask"]
     assert ids.shape == labels.shape == attn.shape
@@ -84,6 +99,10 @@ def test_stable_ids_are_non_negative_and_process_independent():
 
     ids = [stable_id(f"case-{i}") for i in range(200)]
     assert min(ids) >= 0 and len(set(ids)) == 200  # negative ids mean "no pair" to the loss
-    other = subprocess.run([sys.executable, "-c", "from processing import stable_id; print(stable_id('case-7'))"],
-                           capture_output=True, text=True, check=True).stdout.strip()
+    other = subprocess.run(
+        [sys.executable, "-c", "from processing import stable_id; print(stable_id('case-7'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert int(other) == ids[7]

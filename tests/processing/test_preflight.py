@@ -12,9 +12,10 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import free_port, grid_coords
 from processing import SlideFormatError, WSIDataError, inspect_slide, preflight_check, write_slide
 from processing.preflight import check_grid
+
+from conftest import free_port, grid_coords
 
 
 def _row(path, i, case="c"):
@@ -27,8 +28,13 @@ def test_all_problems_reported_at_once_and_skip_counts(tmp_path):
     nan = np.ones((4, 3))
     nan[2, 1] = np.nan
     with_nan = write_slide(tmp_path / "nan.h5", nan, grid_coords(4), dtype="float32")
-    rows = [_row(good, 1), _row(wrong_dim, 2), _row(tmp_path / "missing.h5", 3), _row(with_nan, 4),
-            _row(good, 5, case="")]
+    rows = [
+        _row(good, 1),
+        _row(wrong_dim, 2),
+        _row(tmp_path / "missing.h5", 3),
+        _row(with_nan, 4),
+        _row(good, 5, case=""),
+    ]
     with pytest.raises(WSIDataError) as err:
         preflight_check(rows, feature_dim=3, require_case_id=True, source="train.csv")
     msg = str(err.value)
@@ -75,8 +81,7 @@ def test_scan_is_chunked_and_finds_nan_in_a_late_chunk(tmp_path, monkeypatch):
     path = write_slide(tmp_path / "late.h5", feats, grid_coords(100), dtype="float32")
     reads = []
     original = h5py.Dataset.__getitem__
-    monkeypatch.setattr(h5py.Dataset, "__getitem__",
-                        lambda self, key: reads.append(key) or original(self, key))
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda self, key: reads.append(key) or original(self, key))
     with pytest.raises(SlideFormatError, match=r"on-disk rows \[97\]"):
         inspect_slide(path)
     chunk_reads = [k for k in reads if isinstance(k, slice)]
@@ -92,8 +97,19 @@ def test_two_processes_split_the_files_and_share_one_report(tmp_path):
 
     def torchrun(out_dir: Path, **env: str) -> subprocess.CompletedProcess:
         out_dir.mkdir()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(repo / "tests" / "dist" / "preflight_worker.py"), str(out_dir), str(repo), *paths]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(repo / "tests" / "dist" / "preflight_worker.py"),
+            str(out_dir),
+            str(repo),
+            *paths,
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, **env})
 
     proc = torchrun(tmp_path / "run")

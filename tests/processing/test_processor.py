@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import grid_coords
 from processing import PromptError, SlideFeatures, SlideFormatError, WSIProcessor, read_slide, write_slide
+
+from conftest import grid_coords
 
 
 @pytest.fixture
@@ -24,8 +25,10 @@ def test_batch_of_mixed_inputs_is_padded_with_a_mask(processor, tmp_path):
     path = write_slide(tmp_path / "a.h5", rng.standard_normal((20, 4)), grid_coords(20), layout="trident")
     sf = SlideFeatures(torch.randn(3, 4), torch.from_numpy(grid_coords(3)))
     feats = torch.randn(5, 4)
-    batch = processor(slides=[path, sf, (feats, grid_coords(5)), torch.randn(2, 4)],
-                      text=["the tumor", "a", "invasive ductal carcinoma", "normal"])
+    batch = processor(
+        slides=[path, sf, (feats, grid_coords(5)), torch.randn(2, 4)],
+        text=["the tumor", "a", "invasive ductal carcinoma", "normal"],
+    )
     assert batch["tile_features"].shape == (4, 8, 4) and batch["tile_features"].dtype == torch.float32
     assert batch["tile_coords"].shape == (4, 8, 2) and batch["tile_coords"].dtype == torch.int64
     assert batch["tile_mask"].sum(1).tolist() == [8, 3, 5, 2]
@@ -61,8 +64,12 @@ def test_feature_dim_and_bad_in_memory_slides_are_refused(processor):
 
 
 def test_instruction_labels_cover_only_answers(processor, tiny_tokenizer):
-    conv = [{"role": "user", "content": "what is the grade ?"}, {"role": "assistant", "content": "high grade"},
-            {"role": "user", "content": "is necrosis present ?"}, {"role": "assistant", "content": "yes"}]
+    conv = [
+        {"role": "user", "content": "what is the grade ?"},
+        {"role": "assistant", "content": "high grade"},
+        {"role": "user", "content": "is necrosis present ?"},
+        {"role": "assistant", "content": "yes"},
+    ]
     ex = processor.build_instruction_example(conv)
     tokens = tiny_tokenizer.convert_ids_to_tokens(ex["input_ids"])
     trained = [t for t, lab in zip(tokens, ex["labels"]) if lab != -100]
@@ -89,8 +96,10 @@ def test_missing_placeholder_token_is_an_error(tiny_tokenizer):
 
 
 def test_chat_template_spans(processor):
-    processor.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                               "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    processor.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
     conv = [{"role": "user", "content": "what is the grade ?"}, {"role": "assistant", "content": "low grade"}]
     ex = processor.build_instruction_example(conv)
     tokens = processor.tokenizer.convert_ids_to_tokens(ex["input_ids"])

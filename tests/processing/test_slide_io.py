@@ -7,9 +7,18 @@ import numpy as np
 import pytest
 import torch
 
+from processing import (
+    SlideFeatures,
+    SlideFormatError,
+    WSIDataError,
+    infer_tile_stride,
+    read_slide,
+    sample_tile_indices,
+    slide_num_tiles,
+    write_slide,
+)
+
 from conftest import grid_coords
-from processing import (SlideFeatures, SlideFormatError, WSIDataError, infer_tile_stride, read_slide,
-                        sample_tile_indices, slide_num_tiles, write_slide)
 
 
 def _slide(n: int = 30, d: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -187,10 +196,12 @@ def parallel_direct_read(monkeypatch):
     return feature_reader
 
 
-@pytest.mark.parametrize("storage", ["contiguous_f32", "contiguous_f16", "contiguous_userblock", "chunked", "gzip",
-                                     "big_endian", "float64"])
-def test_full_read_is_exact_for_every_storage_and_finds_nonfinite_rows(tmp_path, parallel_direct_read, monkeypatch,
-                                                                       storage):
+@pytest.mark.parametrize(
+    "storage", ["contiguous_f32", "contiguous_f16", "contiguous_userblock", "chunked", "gzip", "big_endian", "float64"]
+)
+def test_full_read_is_exact_for_every_storage_and_finds_nonfinite_rows(
+    tmp_path, parallel_direct_read, monkeypatch, storage
+):
     """The direct (threaded, piecewise) reader and the h5py fallback give the same float32 values, the same
     row-major order and the same NaN/Inf rows, wherever in the file they are."""
     n, d = 103, 16
@@ -247,8 +258,9 @@ def test_short_read_is_reported_as_truncated(tmp_path, parallel_direct_read, mon
     feats, coords = _slide(n=40, d=16)
     path = write_slide(tmp_path / "cut.h5", feats, coords, dtype="float32")
     real_read_into = parallel_direct_read._read_into
-    monkeypatch.setattr(parallel_direct_read, "_read_into",
-                        lambda file, buffer, offset: real_read_into(file, buffer, offset) - 1)
+    monkeypatch.setattr(
+        parallel_direct_read, "_read_into", lambda file, buffer, offset: real_read_into(file, buffer, offset) - 1
+    )
     with pytest.raises(SlideFormatError, match=r"cut\.h5: 'features' is truncated"):
         read_slide(path)
 
@@ -260,21 +272,24 @@ def _write_raw(path, **datasets):
     return path
 
 
-@pytest.mark.parametrize("case, pattern", [
-    ("missing", "file not found"),
-    ("not_hdf5", "not an HDF5 file"),
-    ("truncated", "cannot be opened|not an HDF5 file"),
-    ("no_features", "no 'features' dataset"),
-    ("rank3", r"rank 3.*Drop the leading batch axis"),
-    ("int_features", "expected float16/float32"),
-    ("no_coords", "no tile coordinates"),
-    ("coords_shape", r"shape \(5, 3\); expected \[N, 2\]"),
-    ("length_mismatch", "'features' has 5 rows but 'coords' has 4"),
-    ("empty", r"no tiles \(N = 0\)"),
-    ("negative", r"negative coordinates \(first: row 1"),
-    ("duplicated", r"duplicated tile coordinate.*rows 0 and 3"),
-    ("fp16_coords", "stored as float16"),
-])
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("missing", "file not found"),
+        ("not_hdf5", "not an HDF5 file"),
+        ("truncated", "cannot be opened|not an HDF5 file"),
+        ("no_features", "no 'features' dataset"),
+        ("rank3", r"rank 3.*Drop the leading batch axis"),
+        ("int_features", "expected float16/float32"),
+        ("no_coords", "no tile coordinates"),
+        ("coords_shape", r"shape \(5, 3\); expected \[N, 2\]"),
+        ("length_mismatch", "'features' has 5 rows but 'coords' has 4"),
+        ("empty", r"no tiles \(N = 0\)"),
+        ("negative", r"negative coordinates \(first: row 1"),
+        ("duplicated", r"duplicated tile coordinate.*rows 0 and 3"),
+        ("fp16_coords", "stored as float16"),
+    ],
+)
 def test_bad_inputs_raise_one_exception_type_naming_the_file(tmp_path, case, pattern):
     path = tmp_path / f"{case}.h5"
     f5 = np.zeros((5, 4), np.float32)

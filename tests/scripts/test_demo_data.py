@@ -12,9 +12,10 @@ import h5py
 import numpy as np
 import pytest
 
-from demo_data import CSV_COLUMNS, DEMO_CLASSES, DEMO_TEXTS_DIR, SPLITS, load_demo_texts, main, make_demo_dataset
 from processing.coordinates import spatial_order
 from processing.slide_io import SOURCE_LAYOUTS, read_slide
+
+from demo_data import CSV_COLUMNS, DEMO_CLASSES, DEMO_TEXTS_DIR, SPLITS, load_demo_texts, main, make_demo_dataset
 
 NUM_CASES, FEATURE_DIM = 64, 64
 
@@ -42,8 +43,12 @@ def slides(demo) -> dict[str, dict[str, np.ndarray]]:
         coords = slide.coords.numpy()
         lesion_xy = {tuple(xy) for xy in lesions[row["slide_id"]]["lesion_coords"]}
         mask = np.array([tuple(xy) in lesion_xy for xy in coords.tolist()])
-        result[row["slide_id"]] = {"features": slide.features.numpy(), "coords": coords, "lesion": mask,
-                                   "layout": slide.source_layout}
+        result[row["slide_id"]] = {
+            "features": slide.features.numpy(),
+            "coords": coords,
+            "lesion": mask,
+            "layout": slide.source_layout,
+        }
     return result
 
 
@@ -60,8 +65,9 @@ def test_files_layouts_and_dtypes(demo, slides):
         assert not Path(row["h5_path"]).is_absolute() and (out / row["h5_path"]).is_file()
         with h5py.File(out / row["h5_path"], "r") as f:
             dtype = str(f["features"].dtype)
-            raw_layout = ("seed" if "coords_yx" in f else
-                          "trident" if "patch_size_level0" in f["coords"].attrs else "clam")
+            raw_layout = (
+                "seed" if "coords_yx" in f else "trident" if "patch_size_level0" in f["coords"].attrs else "clam"
+            )
         assert slides[row["slide_id"]]["layout"] == raw_layout
         seen_layouts[raw_layout].add(dtype)
         seen_dtypes.add(dtype)
@@ -116,7 +122,8 @@ def test_planted_signal_is_a_minority_and_needs_lesion_aware_pooling(demo, slide
         pooled = pooled - pooled[train].mean(0)
         centroids = np.stack([pooled[train & (labels == k)].mean(0) for k in range(len(classes))])
         cos = (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)) @ (
-            centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).T
+            centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+        ).T
         return float((cos.argmax(1) == labels)[held_out].mean())
 
     chance = 1 / len(classes)
@@ -176,8 +183,14 @@ def test_shipped_texts_are_small_attributed_and_consistent():
     assert {p.name for p in files} >= {"captions.jsonl", "reports.jsonl", "vqa.jsonl", "NOTICE.md"}
     assert sum(p.stat().st_size for p in files) < 600_000
     notice = (DEMO_TEXTS_DIR / "NOTICE.md").read_text(encoding="utf-8")
-    for needle in ("Apache License 2.0", "ecf7a916286a16358048a39fc4e9016047b1c333",
-                   "4935038d9f1cfb0bd1dfe98c4816cca2163ba200", "SlideChat", "WSI-LLaVA", "synthetic"):
+    for needle in (
+        "Apache License 2.0",
+        "ecf7a916286a16358048a39fc4e9016047b1c333",
+        "4935038d9f1cfb0bd1dfe98c4816cca2163ba200",
+        "SlideChat",
+        "WSI-LLaVA",
+        "synthetic",
+    ):
         assert needle in notice
     texts = load_demo_texts()
     assert set(texts) == set(DEMO_CLASSES)
@@ -206,8 +219,21 @@ def test_errors_and_cli(tmp_path):
     with pytest.raises(ValueError, match="no shipped texts"):
         make_demo_dataset(tmp_path / "bad", classes=["XYZ"], feature_dim=8)
     out = tmp_path / "cli"
-    main(["--output_dir", str(out), "--num_cases", "6", "--feature_dim", "8", "--classes", "BRCA", "LGG",
-          "--max_tiles", "80"])
+    main(
+        [
+            "--output_dir",
+            str(out),
+            "--num_cases",
+            "6",
+            "--feature_dim",
+            "8",
+            "--classes",
+            "BRCA",
+            "LGG",
+            "--max_tiles",
+            "80",
+        ]
+    )
     rows = _rows(out / "annotations.csv")
     assert {r["label"] for r in rows} == {"BRCA", "LGG"} and len({r["case_id"] for r in rows}) == 6
     with pytest.raises(FileExistsError, match="overwrite"):

@@ -40,6 +40,7 @@ def test_over_a_real_slide_thumbnail(tmp_path, shared_dir):
     pytest.importorskip("openslide")
     svs = shared_dir / "data" / "openslide-cmu-small-region" / "CMU-1-Small-Region.svs"
     coords = np.stack(np.meshgrid(np.arange(9) * 224, np.arange(12) * 224), -1).reshape(-1, 2)
-    out = render_tile_heatmap(coords, np.random.default_rng(0).random(len(coords)), tmp_path / "svs.png",
-                              tile_size=224, slide_path=svs)
+    out = render_tile_heatmap(
+        coords, np.random.default_rng(0).random(len(coords)), tmp_path / "svs.png", tile_size=224, slide_path=svs
+    )
     assert out.stat().st_size > 20_000  # the thumbnail is in there

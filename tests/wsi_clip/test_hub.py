@@ -21,8 +21,9 @@ def checkpoint(tmp_path_factory):
     from processing import WSIProcessor
 
     folder = tmp_path_factory.mktemp("ckpt") / "encoder"
-    config = wsi_clip.SlideEncoderConfig(input_dim=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                         intermediate_size=64)
+    config = wsi_clip.SlideEncoderConfig(
+        input_dim=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
     wsi_clip.SlideEncoderModel(config).save_pretrained(folder)
     WSIProcessor(build_tiny_tokenizer(), feature_dim=8).save_pretrained(folder)
     (folder / "metrics.json").write_text(json.dumps({"test": {"balanced_accuracy": 0.91, "recall@1": 0.5}}))
@@ -31,10 +32,23 @@ def checkpoint(tmp_path_factory):
 
 def test_dry_run_stages_validates_and_uploads_nothing(checkpoint, tmp_path):
     staged = tmp_path / "staged"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "push_to_hub.py"), "--model_name_or_path",
-                           str(checkpoint), "--repo_id", "someone/wsi-encoder", "--dry_run", "--output_dir",
-                           str(staged)],
-                          capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "push_to_hub.py"),
+            "--model_name_or_path",
+            str(checkpoint),
+            "--repo_id",
+            "someone/wsi-encoder",
+            "--dry_run",
+            "--output_dir",
+            str(staged),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dry run: nothing uploaded" in proc.stdout
     assert proc.stdout.count("[x]") == 4 and "package hidden: ok" in proc.stdout
@@ -42,7 +56,7 @@ def test_dry_run_stages_validates_and_uploads_nothing(checkpoint, tmp_path):
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "feature-extraction"
     assert "pathology" in meta["tags"] and "test/balanced_accuracy" in meta["metrics"]
-    assert "| test/balanced_accuracy | 0.91 |" in card and 'trust_remote_code=True' in card
+    assert "| test/balanced_accuracy | 0.91 |" in card and "trust_remote_code=True" in card
     assert (staged / "modeling_slide_encoder.py").is_file() and (staged / "model.safetensors").is_file()
 
 

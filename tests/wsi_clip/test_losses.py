@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import free_port
 from wsi_clip.losses import multi_positive_contrastive_loss, positive_mask
+
+from conftest import free_port
 
 DIST = Path(__file__).resolve().parents[1] / "dist"
 
@@ -36,14 +37,16 @@ def test_soft_targets_are_uniform_over_positives():
     cases = torch.tensor([7, 7, 8, 9])
     out = multi_positive_contrastive_loss(s, t, torch.tensor(1.0), cases)
     logits = F.normalize(s, dim=-1) @ F.normalize(t, dim=-1).t()
-    target = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1., 0], [0, 0, 0, 1.]])
+    target = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
     s2t = -(target * logits.log_softmax(-1)).sum(-1).mean()
     t2s = -(target * logits.t().log_softmax(-1)).sum(-1).mean()
     torch.testing.assert_close(out.slide_to_text, s2t)
     torch.testing.assert_close(out.text_to_slide, t2s)
     mil = multi_positive_contrastive_loss(s, t, torch.tensor(1.0), cases, text_to_slide="mil_nce")
     lt = logits.t()
-    expected = (lt.logsumexp(-1) - torch.stack([lt[0, :2].logsumexp(0), lt[1, :2].logsumexp(0), lt[2, 2], lt[3, 3]])).mean()
+    expected = (
+        lt.logsumexp(-1) - torch.stack([lt[0, :2].logsumexp(0), lt[1, :2].logsumexp(0), lt[2, 2], lt[3, 3]])
+    ).mean()
     torch.testing.assert_close(mil.text_to_slide, expected)
 
 
@@ -84,8 +87,18 @@ def test_two_processes_equal_one_process_batch_of_eight(tmp_path):
     ref.loss.backward()
     out_file = tmp_path / "dist.pt"
     repo = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(DIST / "loss_worker.py"), str(out_file), str(repo)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(DIST / "loss_worker.py"),
+        str(out_file),
+        str(repo),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out_file, weights_only=True)

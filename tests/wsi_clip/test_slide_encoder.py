@@ -17,8 +17,12 @@ from safetensors.torch import load_file, save_file
 import wsi_clip
 from wsi_clip import SlideEncoderConfig, SlideEncoderModel, SlideInputError
 from wsi_clip.configuration_slide_encoder import gigapath_segment_length
-from wsi_clip.convert_gigapath import (GigaPathConversionError, convert_gigapath_checkpoint, load_original_state_dict,
-                                       original_key_map)
+from wsi_clip.convert_gigapath import (
+    GigaPathConversionError,
+    convert_gigapath_checkpoint,
+    load_original_state_dict,
+    original_key_map,
+)
 from wsi_clip.modeling_slide_encoder import sincos_2d_position_embedding
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,10 +33,12 @@ PREFIXES = ["gigapath_3l384d_n1024", "gigapath_3l384d_n3000_wsi16384"]
 def _fixture(prefix: str) -> dict:
     if not FIXTURES.is_dir():
         pytest.skip(f"Prov-GigaPath parity fixtures not found at {FIXTURES} (../shared sits beside the checkout in CI)")
-    return {"meta": json.loads((FIXTURES / f"{prefix}.meta.json").read_text())["config"],
-            "inputs": load_file(str(FIXTURES / f"{prefix}.inputs.safetensors")),
-            "outputs": load_file(str(FIXTURES / f"{prefix}.outputs.safetensors")),
-            "state_dict": FIXTURES / f"{prefix}.state_dict.safetensors"}
+    return {
+        "meta": json.loads((FIXTURES / f"{prefix}.meta.json").read_text())["config"],
+        "inputs": load_file(str(FIXTURES / f"{prefix}.inputs.safetensors")),
+        "outputs": load_file(str(FIXTURES / f"{prefix}.outputs.safetensors")),
+        "state_dict": FIXTURES / f"{prefix}.state_dict.safetensors",
+    }
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -44,14 +50,16 @@ def converted(request, tmp_path_factory):
     """(fixture, model converted by the library converter and saved to disk, output dir)."""
     fx = _fixture(request.param)
     out_dir = tmp_path_factory.mktemp(request.param)
-    model = convert_gigapath_checkpoint(fx["state_dict"], out_dir, max_wsi_size=fx["meta"]["max_wsi_size"],
-                                        slide_ngrids=fx["meta"]["slide_ngrids"])
+    model = convert_gigapath_checkpoint(
+        fx["state_dict"], out_dir, max_wsi_size=fx["meta"]["max_wsi_size"], slide_ngrids=fx["meta"]["slide_ngrids"]
+    )
     return fx, model, out_dir
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parity with the original code (B = 1, fp32): every stored output, relative max difference <= 1e-4
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def test_parity_with_original(converted):
     fx, model, _ = converted
@@ -97,11 +105,17 @@ def test_conversion_round_trip_auto_model(tmp_path):
 
     saved = json.loads((out_dir / "config.json").read_text())
     assert saved["model_type"] == "wsi_slide_encoder"
-    assert saved["auto_map"] == {"AutoConfig": "configuration_slide_encoder.SlideEncoderConfig",
-                                 "AutoModel": "modeling_slide_encoder.SlideEncoderModel"}
+    assert saved["auto_map"] == {
+        "AutoConfig": "configuration_slide_encoder.SlideEncoderConfig",
+        "AutoModel": "modeling_slide_encoder.SlideEncoderModel",
+    }
     assert saved["segment_length"] == fx["meta"]["segment_length"]
-    for name in ("model.safetensors", "configuration_slide_encoder.py", "modeling_slide_encoder.py",
-                 "dilated_attention.py"):
+    for name in (
+        "model.safetensors",
+        "configuration_slide_encoder.py",
+        "modeling_slide_encoder.py",
+        "dilated_attention.py",
+    ):
         assert (out_dir / name).is_file(), name
     assert isinstance(AutoConfig.from_pretrained(out_dir), SlideEncoderConfig)
     loaded = AutoModel.from_pretrained(out_dir)
@@ -130,9 +144,16 @@ def test_remote_code_loads_without_the_package(tmp_path):
         f"inp = load_file({str(FIXTURES / (PREFIXES[0] + '.inputs.safetensors'))!r})\n"
         f"ref = load_file({str(FIXTURES / (PREFIXES[0] + '.outputs.safetensors'))!r})\n"
         "with torch.no_grad(): out = m(inp['x'], inp['coords']).pooler_output\n"
-        "print(float((out - ref['out_default']).abs().max() / ref['out_default'].abs().max()))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=out_dir.parent,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=120)
+        "print(float((out - ref['out_default']).abs().max() / ref['out_default'].abs().max()))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=out_dir.parent,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert float(result.stdout.strip().splitlines()[-1]) <= 1e-4
 
@@ -140,10 +161,24 @@ def test_remote_code_loads_without_the_package(tmp_path):
 def test_convert_script_cli(tmp_path):
     fx = _fixture(PREFIXES[1])
     out_dir = tmp_path / "hf"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_gigapath.py"), "--checkpoint",
-                             str(fx["state_dict"]), "--output_dir", str(out_dir), "--max_wsi_size", "16384",
-                             "--pooling", "mean"], capture_output=True, text=True, timeout=120,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "convert_gigapath.py"),
+            "--checkpoint",
+            str(fx["state_dict"]),
+            "--output_dir",
+            str(out_dir),
+            "--max_wsi_size",
+            "16384",
+            "--pooling",
+            "mean",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((out_dir / "config.json").read_text())
     assert config["segment_length"] == [1024, 1448, 2048, 2896, 4096] and config["pooling"] == "mean"
@@ -185,10 +220,21 @@ def test_converter_reads_torch_files_and_checks_keys_strictly(tmp_path):
 # Ragged batches, pooling, autocast (tiny configs)
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _tiny_model(**overrides) -> SlideEncoderModel:
-    config = dict(input_dim=24, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  segment_length=[8, 16, 64], dilated_ratio=[1, 2, 4, 8], dropout=0.0, drop_path_rate=0.0,
-                  slide_ngrids=64, inference_chunk_size=16)
+    config = dict(
+        input_dim=24,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        segment_length=[8, 16, 64],
+        dilated_ratio=[1, 2, 4, 8],
+        dropout=0.0,
+        drop_path_rate=0.0,
+        slide_ngrids=64,
+        inference_chunk_size=16,
+    )
     config["segment_length"] = [8, 16, 32, 64]
     config.update(overrides)
     torch.manual_seed(0)
@@ -207,7 +253,7 @@ def test_ragged_batch_equals_single_slides(holes):
     slides = [_slide(n, seed) for seed, n in enumerate(sizes)]
     width = max(sizes) + 3
     features = torch.full((len(sizes), width, 24), float("nan"))  # padding content must never matter
-    coords = torch.full((len(sizes), width, 2), 10 ** 9, dtype=torch.long)  # nor padding coordinates
+    coords = torch.full((len(sizes), width, 2), 10**9, dtype=torch.long)  # nor padding coordinates
     mask = torch.zeros(len(sizes), width, dtype=torch.bool)
     positions = []
     for b, ((f, c), n) in enumerate(zip(slides, sizes)):
@@ -307,6 +353,7 @@ def test_autocast_bf16_training_step_has_finite_gradients_close_to_fp32():
 # Input validation
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def test_bad_inputs_raise_clear_errors():
     model = _tiny_model()
     f, c = _slide(6, 0)
@@ -347,6 +394,7 @@ def test_bad_inputs_raise_clear_errors():
 # Configuration and positions
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _numpy_segment_length(max_wsi_size: int, tile_size: int) -> list[int]:
     """Upstream LongNetViT.get_optimal_segment_length (with the numpy-2 fix)."""
     max_seq_len = (max_wsi_size // tile_size) ** 2
@@ -376,7 +424,7 @@ def test_position_embedding_matches_mae_table():
 
     def sincos_1d(d, pos):
         omega = np.arange(d // 2, dtype=np.float64) / (d / 2.0)
-        omega = 1.0 / 10000 ** omega
+        omega = 1.0 / 10000**omega
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
@@ -392,8 +440,14 @@ def test_position_embedding_matches_mae_table():
 def test_package_import_registers_auto_classes():
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.for_model("wsi_slide_encoder", num_hidden_layers=1, hidden_size=32, num_attention_heads=4,
-                                  intermediate_size=64, input_dim=8)
+    config = AutoConfig.for_model(
+        "wsi_slide_encoder",
+        num_hidden_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        input_dim=8,
+    )
     assert isinstance(config, SlideEncoderConfig)
     assert type(AutoModel.from_config(config)) is SlideEncoderModel
     assert wsi_clip.__version__

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from wsi_clip import SlideEncoderConfig, SlideEncoderModel
 from wsi_clip.dilated_attention import attention_with_lse, chunked_attention_with_lse, dilated_attention
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Literal port of torchscale/component/dilated_attention.py (einops rearranges spelled out), exact attention.
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _pad_to_multiple(n: int, mult: int) -> int:
     return (mult - n % mult) % mult
@@ -81,10 +81,16 @@ def upstream_dilated_attention(q, k, v, segment_length, dilated_ratio):
         lse = lse.reshape(bn, num_heads, -1)
         o, lse = sparse_to_dense(out, lse, dr)  # (b n) h g d, (b n) h g 1
         g = o.shape[2]
-        o = o.reshape(bsz, bn // bsz, num_heads, g, head_dim).permute(0, 2, 1, 3, 4).reshape(
-            bsz * num_heads, -1, head_dim)[:, :tgt_len]
-        lse = lse.reshape(bsz, bn // bsz, num_heads, g, 1).permute(0, 2, 1, 3, 4).reshape(
-            bsz * num_heads, -1, 1)[:, :tgt_len]
+        o = (
+            o.reshape(bsz, bn // bsz, num_heads, g, head_dim)
+            .permute(0, 2, 1, 3, 4)
+            .reshape(bsz * num_heads, -1, head_dim)[:, :tgt_len]
+        )
+        lse = (
+            lse.reshape(bsz, bn // bsz, num_heads, g, 1)
+            .permute(0, 2, 1, 3, 4)
+            .reshape(bsz * num_heads, -1, 1)[:, :tgt_len]
+        )
         outs.append(o)
         lses.append(lse)
     with torch.no_grad():  # as upstream: no gradient through the merge weights
@@ -112,8 +118,16 @@ def test_dilated_attention_matches_upstream_port(length, heads, segments, ratios
     ref = upstream_dilated_attention(q, k, v, segments, ratios)
     workspace = {} if mode == "inference-workspace" else None
     for _ in range(2 if workspace is not None else 1):  # second call reuses the buffers
-        ours = dilated_attention(q, k, v, segments, ratios, materialize_padding=mode == "materialized-padding",
-                                 max_call_elements=200, workspace=workspace)
+        ours = dilated_attention(
+            q,
+            k,
+            v,
+            segments,
+            ratios,
+            materialize_padding=mode == "materialized-padding",
+            max_call_elements=200,
+            workspace=workspace,
+        )
         assert ours.shape == (2, length, heads, 8)
         assert (ours.double() - ref).abs().max().item() < 2e-6
 
@@ -123,8 +137,15 @@ def test_zero_pad_keys_are_not_masked():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 9, 2, 4) for _ in range(3))
     ours = dilated_attention(q, k, v, [8], [1])
-    masked_tail = torch.cat([ours[:, :8], F.scaled_dot_product_attention(
-        q[:, 8:].transpose(1, 2), k[:, 8:].transpose(1, 2), v[:, 8:].transpose(1, 2)).transpose(1, 2)], 1)
+    masked_tail = torch.cat(
+        [
+            ours[:, :8],
+            F.scaled_dot_product_attention(
+                q[:, 8:].transpose(1, 2), k[:, 8:].transpose(1, 2), v[:, 8:].transpose(1, 2)
+            ).transpose(1, 2),
+        ],
+        1,
+    )
     # token 8 is alone in its segment with 7 zero keys: out = v8 * e^s / (e^s + 7)
     score = (q[0, 8] * k[0, 8]).sum(-1) / 2.0  # [H]
     expected = v[0, 8] * (torch.exp(score) / (torch.exp(score) + 7)).unsqueeze(-1)
@@ -143,6 +164,7 @@ def test_attention_backends_agree():
         assert (out.double() - ref_out).abs().max() < 1e-5 and (lse.double() - ref_lse).abs().max() < 1e-5
     # the chunked path splits queries once the score budget is exceeded
     import wsi_clip.dilated_attention as da
+
     budget, da.CHUNK_SCORE_ELEMENTS = da.CHUNK_SCORE_ELEMENTS, 1000
     try:
         out, lse = chunked_attention_with_lse(q, k, v)
@@ -234,7 +256,10 @@ def test_training_keeps_dense_qkv_not_dilated_copies(monkeypatch):
     out, saved_regather, grads = run()
     assert len(calls) > 0
     partial = run(need=(False, True, False))[2]  # only k needs a gradient
-    keep_copies = lambda seg, ratio, *qkv: da.attention_with_lse(*(da._dilate(t, seg, ratio) for t in qkv))
+
+    def keep_copies(seg, ratio, *qkv):
+        return da.attention_with_lse(*(da._dilate(t, seg, ratio) for t in qkv))
+
     monkeypatch.setattr(da._RegatheredCpuAttention, "apply", keep_copies)
     ref_out, saved_plain, ref_grads = run()
     assert torch.equal(out, ref_out)
@@ -269,9 +294,19 @@ def test_training_falls_back_when_the_fused_kernel_fails(monkeypatch):
 
 
 def _tiny_config(**overrides) -> SlideEncoderConfig:
-    base = dict(input_dim=24, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                segment_length=[8, 16, 64], dilated_ratio=[1, 2, 4], dropout=0.0, drop_path_rate=0.0,
-                slide_ngrids=64, inference_chunk_size=16)
+    base = dict(
+        input_dim=24,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        segment_length=[8, 16, 64],
+        dilated_ratio=[1, 2, 4],
+        dropout=0.0,
+        drop_path_rate=0.0,
+        slide_ngrids=64,
+        inference_chunk_size=16,
+    )
     base.update(overrides)
     return SlideEncoderConfig(**base)
 
@@ -353,7 +388,7 @@ def test_cls_attention_is_last_layer_full_attention_row():
     assert torch.equal(attn, out.cls_attention)
     last = model.layers[-1]
     for b, n in ((0, 20), (1, 13)):
-        x = last.self_attn_layer_norm(out.hidden_states[-2][b:b + 1, : n + 1])
+        x = last.self_attn_layer_norm(out.hidden_states[-2][b : b + 1, : n + 1])
         q = last.self_attn.q_proj(x).view(1, n + 1, 4, 8)
         k = last.self_attn.k_proj(x).view(1, n + 1, 4, 8)
         probs = torch.softmax(torch.einsum("hd,lhd->hl", q[0, 0], k[0]) / math.sqrt(8), -1)  # [H, n+1]

@@ -12,9 +12,19 @@ import torch
 import torch.nn.functional as F
 
 from wsi_clip.data import CaseGroupedSampler, WSIClipCollator
-from wsi_clip.evaluation import (ClassPrompts, balanced_accuracy, binary_auroc, build_zero_shot_classifier,
-                                 classification_metrics, contrastive_loss_full, load_class_prompts, macro_auroc,
-                                 retrieval_metrics, weighted_f1, zero_shot_scores)
+from wsi_clip.evaluation import (
+    ClassPrompts,
+    balanced_accuracy,
+    binary_auroc,
+    build_zero_shot_classifier,
+    classification_metrics,
+    contrastive_loss_full,
+    load_class_prompts,
+    macro_auroc,
+    retrieval_metrics,
+    weighted_f1,
+    zero_shot_scores,
+)
 from wsi_clip.losses import multi_positive_contrastive_loss
 
 from conftest import build_tiny_tokenizer
@@ -90,8 +100,10 @@ def test_zero_shot_prediction_on_a_constructed_case(tmp_path):
     tokenizer = build_tiny_tokenizer()
     model = _BagOfWordsClip(tokenizer, {"carcinoma": [1, 0], "tumor": [1, 0], "normal": [0, 1], "tissue": [0, 1]})
     path = tmp_path / "classes.yaml"
-    path.write_text("classnames:\n  TUMOR: [carcinoma, tumor cells]\n  NORMAL: [normal tissue]\n"
-                    "templates: ['{}.', 'a slide of {}']\n")
+    path.write_text(
+        "classnames:\n  TUMOR: [carcinoma, tumor cells]\n  NORMAL: [normal tissue]\n"
+        "templates: ['{}.', 'a slide of {}']\n"
+    )
     prompts = load_class_prompts(path)
     assert prompts.labels == ["TUMOR", "NORMAL"] and len(prompts.prompts("TUMOR")) == 4
     classifier = build_zero_shot_classifier(model, tokenizer, prompts)
@@ -131,7 +143,7 @@ def test_case_grouped_sampler_keeps_cases_whole(caplog):
         order = list(sampler)
         assert len(order) == len(sampler) and len(sampler) % (4 * 2) == 0
         for start in range(0, len(order), 4):
-            batch = order[start:start + 4]
+            batch = order[start : start + 4]
             counts = Counter(case_ids[i] for i in batch)
             for case, count in counts.items():  # every case in a batch is complete
                 assert count == case_ids.count(case), (epoch, batch)

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
-from wsi_clip import (ABMILConfig, SlideEncoderConfig, SlideEncoderModel, WSIClipConfig, WSIClipModel,
-                      WSIProcessor)
+from wsi_clip import ABMILConfig, SlideEncoderConfig, SlideEncoderModel, WSIClipConfig, WSIClipModel, WSIProcessor
 from wsi_clip.configuration_wsiclip import MeanPoolingConfig
 
 from conftest import build_tiny_tokenizer
@@ -46,12 +45,15 @@ def test_config_selects_tower_by_one_field_and_round_trips(tmp_path):
     assert math.isclose(WSIClipConfig().logit_scale_init_value, math.log(1 / 0.07))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"slide_tower": "transmil"}, "slide_tower='transmil'"),
-    ({"slide_config": {"model_type": "bert"}}, "model_type 'bert'"),
-    ({"text_pooling": "max"}, "text_pooling='max'"),
-    ({"text_to_slide_loss": "hinge"}, "text_to_slide_loss='hinge'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"slide_tower": "transmil"}, "slide_tower='transmil'"),
+        ({"slide_config": {"model_type": "bert"}}, "model_type 'bert'"),
+        ({"text_pooling": "max"}, "text_pooling='max'"),
+        ({"text_to_slide_loss": "hinge"}, "text_to_slide_loss='hinge'"),
+    ],
+)
 def test_config_errors_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         WSIClipConfig(**kwargs)
@@ -135,7 +137,7 @@ def test_loss_multi_slide_case_by_hand():
     model = _model()
     out = model(**tiny_batch(), case_ids=torch.tensor([7, 7, 8, 9]), return_loss=True)
     logits = out.logit_scale * out.slide_embeds @ out.text_embeds.t()
-    target = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1., 0], [0, 0, 0, 1.]])
+    target = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
     expected = (_soft_ce(logits, target).mean() + _soft_ce(logits.t(), target).mean()) / 2
     torch.testing.assert_close(out.loss, expected)
 
@@ -153,7 +155,7 @@ def test_loss_identical_texts_are_positives_by_hand():
     batch["input_ids"][1] = batch["input_ids"][0]  # a duplicated caption
     text_ids = torch.tensor([5, 5, 6, 7])
     cases = torch.tensor([0, 1, 2, 3])
-    target = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1., 0], [0, 0, 0, 1.]])
+    target = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
     model = _model()
     out = model(**batch, case_ids=cases, text_ids=text_ids, return_loss=True)
     logits = out.logit_scale * out.slide_embeds @ out.text_embeds.t()
@@ -163,8 +165,9 @@ def test_loss_identical_texts_are_positives_by_hand():
     off = _model(identical_texts_are_positives=False)
     out = off(**batch, case_ids=cases, text_ids=text_ids, return_loss=True)
     labels = torch.arange(4)
-    torch.testing.assert_close(out.loss, (F.cross_entropy(out.logits_per_slide, labels)
-                                          + F.cross_entropy(out.logits_per_text, labels)) / 2)
+    torch.testing.assert_close(
+        out.loss, (F.cross_entropy(out.logits_per_slide, labels) + F.cross_entropy(out.logits_per_text, labels)) / 2
+    )
 
 
 def test_loss_rows_without_positive_are_dropped():
@@ -172,8 +175,9 @@ def test_loss_rows_without_positive_are_dropped():
     batch = tiny_batch()
     out = model(**batch, case_ids=torch.tensor([0, 1, -1, -1]), return_loss=True)
     logits = out.logit_scale * out.slide_embeds @ out.text_embeds.t()
-    expected = -(logits[:2].log_softmax(-1)[[0, 1], [0, 1]].mean() + logits.t()[:2].log_softmax(-1)[[0, 1], [0, 1]]
-                 .mean()) / 2  # unpaired columns still count as negatives
+    expected = (
+        -(logits[:2].log_softmax(-1)[[0, 1], [0, 1]].mean() + logits.t()[:2].log_softmax(-1)[[0, 1], [0, 1]].mean()) / 2
+    )  # unpaired columns still count as negatives
     torch.testing.assert_close(out.loss, expected)
     none = model(**batch, case_ids=torch.full((4,), -1), return_loss=True)
     assert none.loss.item() == 0.0
@@ -183,7 +187,7 @@ def test_loss_mil_nce_text_to_slide_by_hand():
     model = _model(text_to_slide_loss="mil_nce")
     out = model(**tiny_batch(), case_ids=torch.tensor([7, 7, 8, 9]), return_loss=True)
     logits = out.logit_scale * out.slide_embeds @ out.text_embeds.t()
-    target = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1., 0], [0, 0, 0, 1.]])
+    target = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
     lt = logits.t()
     t2s = (lt.logsumexp(-1) - torch.stack([lt[0, :2].logsumexp(0), lt[1, :2].logsumexp(0), lt[2, 2], lt[3, 3]])).mean()
     torch.testing.assert_close(out.loss, (_soft_ce(logits, target).mean() + t2s) / 2)
@@ -200,12 +204,15 @@ def test_from_towers_keeps_pretrained_weights_and_freeze(tmp_path):
     text.save_pretrained(tmp_path / "text")
     reference = {k: v.clone() for k, v in encoder.state_dict().items()}
 
-    model = WSIClipModel.from_towers(slide_encoder=tmp_path / "slide", text_model=str(tmp_path / "text"),
-                                     projection_dim=8)
+    model = WSIClipModel.from_towers(
+        slide_encoder=tmp_path / "slide", text_model=str(tmp_path / "text"), projection_dim=8
+    )
     assert model.config.slide_tower == "slide_encoder" and model.config.projection_dim == 8
     for key, value in model.slide_model.state_dict().items():
         torch.testing.assert_close(value, reference[key], msg=key)
-    torch.testing.assert_close(model.text_model.embeddings.word_embeddings.weight, text.embeddings.word_embeddings.weight)
+    torch.testing.assert_close(
+        model.text_model.embeddings.word_embeddings.weight, text.embeddings.word_embeddings.weight
+    )
     assert model.slide_model.config is model.config.slide_config  # one config object, saved once
 
     in_memory = WSIClipModel.from_towers(slide_encoder=encoder, text_model=text, projection_dim=8)
@@ -239,11 +246,20 @@ def test_save_load_round_trip_registered(tmp_path, tower):
     model = _model(tower)
     _save(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "configuration_wsiclip.WSIClipConfig",
-                                  "AutoModel": "modeling_wsiclip.WSIClipModel"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_wsiclip.WSIClipConfig",
+        "AutoModel": "modeling_wsiclip.WSIClipModel",
+    }
     shipped = {p.name for p in tmp_path.glob("*.py")}
-    assert {"configuration_wsiclip.py", "modeling_wsiclip.py", "mil_pooling.py", "losses.py",
-            "configuration_slide_encoder.py", "modeling_slide_encoder.py", "dilated_attention.py"} <= shipped
+    assert {
+        "configuration_wsiclip.py",
+        "modeling_wsiclip.py",
+        "mil_pooling.py",
+        "losses.py",
+        "configuration_slide_encoder.py",
+        "modeling_slide_encoder.py",
+        "dilated_attention.py",
+    } <= shipped
     loaded = AutoModel.from_pretrained(tmp_path).eval()
     assert type(loaded) is WSIClipModel and loaded.config.slide_tower == tower
     batch = tiny_batch()
@@ -285,16 +301,24 @@ def test_remote_code_loads_without_the_package(tmp_path):
     processor = _save(model, tmp_path)
     batch = tiny_batch()
     torch.save(batch, tmp_path / "batch.pt")
-    assert json.loads((tmp_path / "processor_config.json").read_text())["auto_map"]["AutoProcessor"] \
+    assert (
+        json.loads((tmp_path / "processor_config.json").read_text())["auto_map"]["AutoProcessor"]
         == "processing_wsi.WSIProcessor"
+    )
     site_packages = sysconfig.get_paths()["purelib"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     # -S: no site module, so the editable install's finder (.pth) never runs; -I: no cwd / PYTHON* / user site
-    result = subprocess.run([sys.executable, "-S", "-I", "-c", REMOTE_SCRIPT, str(tmp_path), site_packages],
-                            cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-S", "-I", "-c", REMOTE_SCRIPT, str(tmp_path), site_packages],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and "REMOTE OK" in result.stdout, result.stderr[-4000:]
     remote = torch.load(tmp_path / "remote.pt")
     with torch.no_grad():

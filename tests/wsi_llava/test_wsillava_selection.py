@@ -6,8 +6,14 @@ import pytest
 import torch
 
 import wsi_llava
-from wsi_llava.token_selection import (TokenSelectionInputs, TokenSelectionOutput, iqr_outliers, run_token_selector,
-                                       spatial_uniform_keep, uniform_keep)
+from wsi_llava.token_selection import (
+    TokenSelectionInputs,
+    TokenSelectionOutput,
+    iqr_outliers,
+    run_token_selector,
+    spatial_uniform_keep,
+    uniform_keep,
+)
 
 
 def _inputs(attn, tokens=None, keys=None, mask=None, grid=None):
@@ -72,8 +78,15 @@ def test_prumerge_per_slide_k_and_batch_independence():
     assert out.indices[0, :2].tolist() == [3, 17] and out.indices[1, 0] == 30 and out.indices[2, 0] == 5
     for b in range(3):  # each slide alone gives the same tokens
         n = int(mask[b].sum())
-        alone = run_token_selector("prumerge", TokenSelectionInputs(
-            tokens[b:b + 1, :n], mask[b:b + 1, :n], cls_attention=attn[b:b + 1, None, :n], keys=keys[b:b + 1, :n]))
+        alone = run_token_selector(
+            "prumerge",
+            TokenSelectionInputs(
+                tokens[b : b + 1, :n],
+                mask[b : b + 1, :n],
+                cls_attention=attn[b : b + 1, None, :n],
+                keys=keys[b : b + 1, :n],
+            ),
+        )
         k = int(alone.token_mask.sum())
         torch.testing.assert_close(out.tokens[b, :k], alone.tokens[0, :k])
 
@@ -93,8 +106,12 @@ def test_prumerge_plus_adds_spatially_uniform_tiles():
     grid = torch.stack([i % 8, i // 8], dim=1).unsqueeze(0)
     attn = torch.full((1, n), 0.01)
     attn[0, 0] = 0.9
-    out = run_token_selector("prumerge_plus", _inputs(attn, tokens=torch.randn(1, n, 4), keys=torch.randn(1, n, 4),
-                                                      grid=grid), add_back=15, summary_token=False)
+    out = run_token_selector(
+        "prumerge_plus",
+        _inputs(attn, tokens=torch.randn(1, n, 4), keys=torch.randn(1, n, 4), grid=grid),
+        add_back=15,
+        summary_token=False,
+    )
     kept = out.indices[0][out.token_mask[0]]
     assert 0 in kept.tolist()
     # budget 15 → cells of side round(sqrt(64/15)) = 2 → 16 cells, one tile each (tile 0 wins its cell)
@@ -120,8 +137,9 @@ def test_uniform_keeps_evenly_spaced_per_slide():
 
 def test_topk_prompt_keeps_original_order():
     tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.8, 0.2], [-1.0, 0.0]]])
-    inputs = TokenSelectionInputs(tokens, torch.ones(1, 5, dtype=torch.bool),
-                                  question_embedding=torch.tensor([[1.0, 0.0]]))
+    inputs = TokenSelectionInputs(
+        tokens, torch.ones(1, 5, dtype=torch.bool), question_embedding=torch.tensor([[1.0, 0.0]])
+    )
     out = run_token_selector("topk_prompt", inputs, max_tokens=3)
     assert out.indices.tolist() == [[0, 2, 3]]
     torch.testing.assert_close(out.tokens[0], tokens[0, [0, 2, 3]])
@@ -169,9 +187,13 @@ def test_selection_on_large_inputs_keeps_some_but_not_all_tiles():
     n = 8192
     i = torch.arange(n)
     grid = torch.stack([i % 91, i // 91], dim=1).expand(2, n, 2)
-    inputs = TokenSelectionInputs(torch.randn(2, n, 64, generator=gen), torch.ones(2, n, dtype=torch.bool),
-                                  grid=grid, cls_attention=torch.rand(2, 4, n, generator=gen).softmax(-1),
-                                  keys=torch.randn(2, n, 64, generator=gen))
+    inputs = TokenSelectionInputs(
+        torch.randn(2, n, 64, generator=gen),
+        torch.ones(2, n, dtype=torch.bool),
+        grid=grid,
+        cls_attention=torch.rand(2, 4, n, generator=gen).softmax(-1),
+        keys=torch.randn(2, n, 64, generator=gen),
+    )
     out = run_token_selector("prumerge_plus", inputs)
     assert 0 < int(out.token_mask.sum(1).min()) < n
 
@@ -186,7 +208,7 @@ def _slide_batch(gen, sizes, width=8, grid="row", attention="peaked"):
     mask = torch.zeros(b, n, dtype=torch.bool)
     for s, size in enumerate(sizes):  # a loop over slides, test setup only
         mask[s, torch.randperm(n, generator=gen)[:size]] = True
-    side = int(n ** 0.5) + 1
+    side = int(n**0.5) + 1
     i = torch.arange(n)
     if grid == "row":  # row-major layout, as in the benchmark
         cells = torch.stack([i % side, i // side], dim=1).expand(b, n, 2).clone()
@@ -202,9 +224,14 @@ def _slide_batch(gen, sizes, width=8, grid="row", attention="peaked"):
     else:  # flat
         attn = torch.full((b, 2, n), 1.0 / n)
     attn = attn * mask[:, None]
-    return TokenSelectionInputs(torch.randn(b, n, width, generator=gen), mask, grid=cells, cls_attention=attn,
-                                keys=torch.randn(b, n, width, generator=gen),
-                                question_embedding=torch.randn(b, width, generator=gen))
+    return TokenSelectionInputs(
+        torch.randn(b, n, width, generator=gen),
+        mask,
+        grid=cells,
+        cls_attention=attn,
+        keys=torch.randn(b, n, width, generator=gen),
+        question_embedding=torch.randn(b, width, generator=gen),
+    )
 
 
 def _check_selection(out, inputs, max_tokens, summary_token=True, min_tokens=1):
@@ -224,12 +251,14 @@ def _check_selection(out, inputs, max_tokens, summary_token=True, min_tokens=1):
 def test_max_tokens_is_a_hard_cap_on_random_slides():
     gen = torch.Generator().manual_seed(1234)
     for case in range(48):
-        sizes = torch.randint(1, 3001 if case % 4 == 0 else 400, (int(torch.randint(1, 4, (1,), generator=gen)),),
-                              generator=gen).tolist()
+        sizes = torch.randint(
+            1, 3001 if case % 4 == 0 else 400, (int(torch.randint(1, 4, (1,), generator=gen)),), generator=gen
+        ).tolist()
         if case % 6 == 1:
             sizes[0] = 1  # one-tile slides
-        inputs = _slide_batch(gen, sizes, grid=("row", "scattered", None)[case % 3],
-                              attention=("peaked", "spikes", "flat")[case % 5 % 3])
+        inputs = _slide_batch(
+            gen, sizes, grid=("row", "scattered", None)[case % 3], attention=("peaked", "spikes", "flat")[case % 5 % 3]
+        )
         max_tokens = (1, 2, 3, 16, 64)[case % 5] if case % 2 else int(torch.randint(1, 65, (1,), generator=gen))
         add_back = (0, 1, 2, 3, 4, 5, 0.5)[case % 7]
         summary_token = case % 8 != 3
@@ -242,8 +271,13 @@ def test_max_tokens_is_a_hard_cap_on_random_slides():
                 options["add_back"] = add_back
             out = run_token_selector(name, inputs, **options)
             prumerge = name.startswith("prumerge")
-            _check_selection(out, inputs, max_tokens, summary_token=prumerge and summary_token,
-                             min_tokens=min_tokens if prumerge else 1)
+            _check_selection(
+                out,
+                inputs,
+                max_tokens,
+                summary_token=prumerge and summary_token,
+                min_tokens=min_tokens if prumerge else 1,
+            )
             if name in ("uniform", "topk_prompt"):  # exactly min(max_tokens, n) tiles
                 assert out.token_mask.sum(1).tolist() == [min(max_tokens, s) for s in sizes]
 
@@ -252,13 +286,18 @@ def test_prumerge_plus_reported_case_max_tokens_16():
     # the issue: 445 tiles laid out row-major (as in the benchmark), heavy-tailed attention → ~110 IQR outliers.
     # Before the fix max_tokens only capped the outliers (16), then add_back=3 added ~3 x 16 spatial tiles and the
     # summary token on top: 59 tokens for max_tokens=16.
-    n, side = 445, int(445 ** 0.5) + 1
+    n, side = 445, int(445**0.5) + 1
     i = torch.arange(n)
     grid = torch.stack([i % side, i // side], dim=1).unsqueeze(0)
     gen = torch.Generator().manual_seed(1)
     attn = torch.rand(1, n, generator=gen) ** 8
-    inputs = TokenSelectionInputs(torch.randn(1, n, 8, generator=gen), torch.ones(1, n, dtype=torch.bool), grid=grid,
-                                  cls_attention=attn[:, None], keys=torch.randn(1, n, 8, generator=gen))
+    inputs = TokenSelectionInputs(
+        torch.randn(1, n, 8, generator=gen),
+        torch.ones(1, n, dtype=torch.bool),
+        grid=grid,
+        cls_attention=attn[:, None],
+        keys=torch.randn(1, n, 8, generator=gen),
+    )
     assert int(run_token_selector("prumerge_plus", inputs).token_mask.sum()) > 100  # no cap: adaptive, large
     out = run_token_selector("prumerge_plus", inputs, max_tokens=16)
     assert int(out.token_mask.sum()) == 16  # 15 tile slots + summary, all used
@@ -317,9 +356,12 @@ def test_budgeted_selection_is_batch_independent(name):
             for b in range(4):  # each slide alone (its padding removed) gives the same tokens
                 m = inputs.token_mask[b]
                 alone_inputs = TokenSelectionInputs(
-                    inputs.tokens[b:b + 1, m], inputs.token_mask[b:b + 1, m],
-                    grid=None if inputs.grid is None else inputs.grid[b:b + 1, m],
-                    cls_attention=inputs.cls_attention[b:b + 1][..., m], keys=inputs.keys[b:b + 1, m])
+                    inputs.tokens[b : b + 1, m],
+                    inputs.token_mask[b : b + 1, m],
+                    grid=None if inputs.grid is None else inputs.grid[b : b + 1, m],
+                    cls_attention=inputs.cls_attention[b : b + 1][..., m],
+                    keys=inputs.keys[b : b + 1, m],
+                )
                 alone = run_token_selector(name, alone_inputs, max_tokens=max_tokens, add_back=3)
                 k = int(alone.token_mask.sum())
                 assert int(out.token_mask[b].sum()) == k
@@ -353,6 +395,10 @@ def test_trim_evenly_keeps_all_that_fit_else_spreads_over_the_grid():
     assert not trim_evenly(keep, grid, torch.tensor([0])).any()
     picked = trim_evenly(keep, grid, torch.tensor([4]))
     # row-major order (gy, gx): every 4th → the first tile of each grid row
-    assert sorted((int(grid[0, t, 1]), int(grid[0, t, 0])) for t in picked[0].nonzero().flatten()) == \
-        [(0, 0), (1, 0), (2, 0), (3, 0)]
+    assert sorted((int(grid[0, t, 1]), int(grid[0, t, 0])) for t in picked[0].nonzero().flatten()) == [
+        (0, 0),
+        (1, 0),
+        (2, 0),
+        (3, 0),
+    ]
     assert trim_evenly(keep, None, torch.tensor([4]))[0].nonzero().flatten().tolist() == [0, 4, 8, 12]

@@ -12,13 +12,15 @@ from wsi_llava.arguments import DEFAULT_LORA_TARGETS, LlavaTrainingArguments
 from wsi_llava.assembly import check_lora_targets, prepare_stage
 from wsi_llava.evaluation import closed_metrics, evaluation_items, open_metrics, parse_letter, question_kind
 from wsi_llava.trainer import WSILlavaTrainer, projector_gamma
+
 from wsillava_utils import random_slides, tiny_model, tiny_processor
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from demo_data import make_demo_dataset
     from processing import load_annotations
+
+    from demo_data import make_demo_dataset
 
     root = tmp_path_factory.mktemp("llava_demo")
     make_demo_dataset(root, num_cases=8, feature_dim=16, min_tiles=20, max_tiles=40, seed=0)
@@ -28,13 +30,28 @@ def data(tmp_path_factory):
 def _trainer(model, processor, dataset, out, stage, **kwargs):
     from processing import InstructionCollator
 
-    args = LlavaTrainingArguments(output_dir=str(out), stage=stage, max_steps=1, per_device_train_batch_size=2,
-                                  learning_rate=1e-2, report_to="none", save_strategy="no", use_cpu=True,
-                                  logging_steps=1, disable_tqdm=True, **kwargs)
+    args = LlavaTrainingArguments(
+        output_dir=str(out),
+        stage=stage,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        disable_tqdm=True,
+        **kwargs,
+    )
     wrapped = prepare_stage(model, args)
     collator = InstructionCollator(processor, max_length=400)
-    return WSILlavaTrainer(model=wrapped, args=args, train_dataset=dataset.select(range(2)), data_collator=collator,
-                           projector_lr=args.projector_lr), wrapped
+    return WSILlavaTrainer(
+        model=wrapped,
+        args=args,
+        train_dataset=dataset.select(range(2)),
+        data_collator=collator,
+        projector_lr=args.projector_lr,
+    ), wrapped
 
 
 def _snapshot(module):
@@ -50,6 +67,7 @@ def _tokenizer_for(dataset):
 
 def _demo_model(dataset):
     from processing import WSIProcessor
+
     from wsillava_utils import tiny_config
 
     processor = WSIProcessor(tokenizer=_tokenizer_for(dataset), max_tiles=None, feature_dim=16)
@@ -76,15 +94,30 @@ def test_stage3_lora_step_adapters_and_merge(data, tmp_path):
     _, dataset = data
     model, processor = _demo_model(dataset)
     base_state = _snapshot(model)
-    trainer, peft_model = _trainer(model, processor, dataset, tmp_path / "run", stage=3, lora_r=4, lora_alpha=8,
-                                   lora_dropout=0.0, projector_lr=1e-3)
+    trainer, peft_model = _trainer(
+        model,
+        processor,
+        dataset,
+        tmp_path / "run",
+        stage=3,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        projector_lr=1e-3,
+    )
     lrs = sorted(g["lr"] for g in trainer.create_optimizer().param_groups)
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-2)
     trainer.train()
-    changed = {n for n, p in peft_model.named_parameters() if n in {k for k, _ in peft_model.named_parameters()}
-               and "lora_" not in n and "modules_to_save" not in n
-               and not torch.equal(p, base_state[n.replace("base_model.model.", "").replace(".base_layer", "")
-                                                  .replace("original_module.", "")])}
+    changed = {
+        n
+        for n, p in peft_model.named_parameters()
+        if n in {k for k, _ in peft_model.named_parameters()}
+        and "lora_" not in n
+        and "modules_to_save" not in n
+        and not torch.equal(
+            p, base_state[n.replace("base_model.model.", "").replace(".base_layer", "").replace("original_module.", "")]
+        )
+    }
     assert not changed  # the base model (tower, LM, original projector) is untouched
     lora = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert lora and all("lora_" in n and ".language_model." in n or "modules_to_save" in n for n in lora)
@@ -99,8 +132,9 @@ def test_stage3_lora_step_adapters_and_merge(data, tmp_path):
     base_dir = tmp_path / "base"
     fresh, _ = _demo_model(dataset)
     fresh.save_pretrained(base_dir)
-    reloaded = PeftModel.from_pretrained(WSILlavaForConditionalGeneration.from_pretrained(base_dir),
-                                         tmp_path / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(
+        WSILlavaForConditionalGeneration.from_pretrained(base_dir), tmp_path / "adapter"
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, ref)
     assert projector_gamma(reloaded) == pytest.approx(projector_gamma(peft_model))
@@ -150,8 +184,9 @@ def test_train_script_parses_yaml_and_cli_overrides(tmp_path):
 
     (tmp_path / "stage3.yaml").write_text(STAGE3_RECIPE)
     (tmp_path / "stage2.yaml").write_text(STAGE2_RECIPE)
-    model_args, data_args, args = script.parse_arguments(["--stage", "3", str(tmp_path / "stage3.yaml"),
-                                                          "--learning_rate", "0.5", "--output_dir", str(tmp_path)])
+    model_args, data_args, args = script.parse_arguments(
+        ["--stage", "3", str(tmp_path / "stage3.yaml"), "--learning_rate", "0.5", "--output_dir", str(tmp_path)]
+    )
     assert args.stage == 3 and args.learning_rate == 0.5 and args.projector_lr == pytest.approx(2e-4)
     assert args.output_dir == str(tmp_path) and args.remove_unused_columns is False
     assert model_args.model_name_or_path == "demo_output/llava_stage2" and data_args.max_tiles == 512
@@ -166,13 +201,17 @@ def test_closed_and_open_metrics(data):
     assert question_kind("describe the slide", "invasive carcinoma") == "open"
     assert question_kind("type ? A) x B) y C) z", "C") == "choice"  # WSI-Bench inline options
     assert [parse_letter(t) for t in ("B", "B) G2", "The answer is C.", "a tumor")] == ["B", "B", "C", None]
-    items = [{"question": q, "answer": a, "prediction": p, "kind": "choice"}
-             for a, p in (("B", "B"), ("B", "A"), ("A", "A"), ("B", "C) G3"))]
+    items = [
+        {"question": q, "answer": a, "prediction": p, "kind": "choice"}
+        for a, p in (("B", "B"), ("B", "A"), ("A", "A"), ("B", "C) G3"))
+    ]
     items.append({"question": "invasive ?", "answer": "Yes", "prediction": "yes, it is", "kind": "yes_no"})
     m = closed_metrics(items)
     assert m["accuracy"] == pytest.approx(3 / 5) and m["majority_answer_by_kind"] == {"choice": "B", "yes_no": "yes"}
     # per kind: B for the 4 choice items (3 right), "yes" for the yes/no item (1 right)
-    assert m["majority_baseline"] == pytest.approx(4 / 5) and m["random_baseline"] == pytest.approx((4 * .25 + .5) / 5)
+    assert m["majority_baseline"] == pytest.approx(4 / 5) and m["random_baseline"] == pytest.approx(
+        (4 * 0.25 + 0.5) / 5
+    )
     o = open_metrics(["the tumor is invasive", ""], ["the tumor is invasive", "normal tissue"])
     assert o["bleu_1"] == pytest.approx(0.5) and o["rouge_l"] == pytest.approx(0.5) and o["n"] == 2
     _, dataset = data
@@ -187,8 +226,12 @@ def test_per_sample_loss_weighs_every_example_once():
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
-    labels = torch.tensor([[-100, -100, -100, 3, -100],   # a one-token closed answer
-                           [-100, 1, 2, 4, 6]])           # a four-token answer
+    labels = torch.tensor(
+        [
+            [-100, -100, -100, 3, -100],  # a one-token closed answer
+            [-100, 1, 2, 4, 6],
+        ]
+    )  # a four-token answer
     ce = torch.nn.functional.cross_entropy
     short = ce(logits[0, 2:3], labels[0, 3:4])
     long = ce(logits[1, 0:4], labels[1, 1:5])

@@ -21,14 +21,22 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     from wsi_clip.convert_gigapath import convert_gigapath_checkpoint
 
-    model = convert_gigapath_checkpoint(args.checkpoint, args.output_dir, max_wsi_size=args.max_wsi_size,
-                                        tile_size=args.tile_size, pooling=args.pooling,
-                                        num_attention_heads=args.num_attention_heads, slide_ngrids=args.slide_ngrids)
+    model = convert_gigapath_checkpoint(
+        args.checkpoint,
+        args.output_dir,
+        max_wsi_size=args.max_wsi_size,
+        tile_size=args.tile_size,
+        pooling=args.pooling,
+        num_attention_heads=args.num_attention_heads,
+        slide_ngrids=args.slide_ngrids,
+    )
     cfg = model.config
-    print(f"converted {args.checkpoint} -> {args.output_dir}: {cfg.num_hidden_layers} layers, width "
-          f"{cfg.hidden_size}, {cfg.num_attention_heads} heads, FFN {cfg.intermediate_size}, input {cfg.input_dim}, "
-          f"segment_length {cfg.segment_length}, dilated_ratio {cfg.dilated_ratio}, pooling {cfg.pooling!r}, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    print(
+        f"converted {args.checkpoint} -> {args.output_dir}: {cfg.num_hidden_layers} layers, width "
+        f"{cfg.hidden_size}, {cfg.num_attention_heads} heads, FFN {cfg.intermediate_size}, input {cfg.input_dim}, "
+        f"segment_length {cfg.segment_length}, dilated_ratio {cfg.dilated_ratio}, pooling {cfg.pooling!r}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    )
 
 
 def cli() -> int:

@@ -34,9 +34,9 @@ COMMAND = "wsi-evaluate-clip"
 
 def load_model_and_processor(path: str, device: str):
     """The checkpoint's model (``AutoModel`` after ``import wsi_clip``) and its processor (or tokenizer)."""
-    import wsi_clip  # noqa: F401  (registers WSI-CLIP with the Auto classes)
     from transformers import AutoModel, AutoProcessor, AutoTokenizer
 
+    import wsi_clip  # noqa: F401  (registers WSI-CLIP with the Auto classes)
     from processing import WSIProcessor
 
     model = AutoModel.from_pretrained(path).to(device).eval()
@@ -73,9 +73,16 @@ def evaluate(args: EvaluationArguments) -> dict[str, float]:
     writes the JSON."""
     from processing import load_annotations
     from wsi_clip.data import WSIClipCollator
-    from wsi_clip.evaluation import (build_zero_shot_classifier, classification_metrics, contrastive_loss_full,
-                                     encode_dataset, format_table, load_class_prompts, retrieval_metrics,
-                                     zero_shot_scores)
+    from wsi_clip.evaluation import (
+        build_zero_shot_classifier,
+        classification_metrics,
+        contrastive_loss_full,
+        encode_dataset,
+        format_table,
+        load_class_prompts,
+        retrieval_metrics,
+        zero_shot_scores,
+    )
     from wsi_clip.hub import require_checkpoint_files
 
     device, is_main = init_distributed(args.device)
@@ -84,21 +91,33 @@ def evaluate(args: EvaluationArguments) -> dict[str, float]:
     dataset = load_annotations(args.test_file, "clip", h5_root=args.h5_root, split=args.test_split)
     prompts = load_class_prompts(args.class_prompts) if args.class_prompts else None
     max_tiles = processor.max_tiles if args.max_tiles is None else (args.max_tiles or None)
-    collator = WSIClipCollator(processor, max_tiles=max_tiles, tile_sampling="uniform",
-                               text_max_length=args.max_length, class_names=prompts.labels if prompts else None,
-                               label_column=args.label_column)
+    collator = WSIClipCollator(
+        processor,
+        max_tiles=max_tiles,
+        tile_sampling="uniform",
+        text_max_length=args.max_length,
+        class_names=prompts.labels if prompts else None,
+        label_column=args.label_column,
+    )
     encoded = encode_dataset(model, dataset, collator, batch_size=args.batch_size)
 
     metrics: dict[str, float] = {"num_slides": float(len(dataset)), "num_cases": float(len(set(dataset["case_id"])))}
-    metrics.update(retrieval_metrics(encoded["slide_embeds"], encoded["text_embeds"], encoded["case_ids"],
-                                     encoded["text_ids"]))
-    metrics["contrastive_loss"] = contrastive_loss_full(encoded["slide_embeds"], encoded["text_embeds"],
-                                                        encoded["logit_scale"], encoded["case_ids"],
-                                                        encoded["text_ids"])
+    metrics.update(
+        retrieval_metrics(encoded["slide_embeds"], encoded["text_embeds"], encoded["case_ids"], encoded["text_ids"])
+    )
+    metrics["contrastive_loss"] = contrastive_loss_full(
+        encoded["slide_embeds"],
+        encoded["text_embeds"],
+        encoded["logit_scale"],
+        encoded["case_ids"],
+        encoded["text_ids"],
+    )
     if prompts is not None:
         if args.label_column not in dataset.column_names:
-            raise ValueError(f"{args.test_file}: no '{args.label_column}' column, so zero-shot accuracy cannot be "
-                             "measured; add the column or pass --label_column.")
+            raise ValueError(
+                f"{args.test_file}: no '{args.label_column}' column, so zero-shot accuracy cannot be "
+                "measured; add the column or pass --label_column."
+            )
         classifier = build_zero_shot_classifier(model, processor, prompts, max_length=args.max_length)
         scores = zero_shot_scores(encoded["slide_embeds"].to(classifier.device), classifier)
         metrics.update(classification_metrics(encoded["class_labels"], scores))
@@ -108,16 +127,28 @@ def evaluate(args: EvaluationArguments) -> dict[str, float]:
 
     if not is_main:
         return metrics
-    title = f"WSI-CLIP {args.model_name_or_path} on {args.test_file}" + (f" [{args.test_split}]"
-                                                                         if args.test_split else "")
+    title = f"WSI-CLIP {args.model_name_or_path} on {args.test_file}" + (
+        f" [{args.test_split}]" if args.test_split else ""
+    )
     print(format_table(metrics, title))
     stem = Path(args.test_file).stem + (f"_{args.test_split}" if args.test_split else "")
     output = Path(args.output) if args.output else Path(args.model_name_or_path) / f"eval_{stem}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     # the file's keys are the ones it had before the flags were renamed (its readers stay valid)
-    output.write_text(json.dumps({"model": args.model_name_or_path, "data": args.test_file, "split": args.test_split,
-                                  "classes": args.class_prompts, "metrics": metrics}, indent=1) + "\n",
-                      encoding="utf-8")
+    output.write_text(
+        json.dumps(
+            {
+                "model": args.model_name_or_path,
+                "data": args.test_file,
+                "split": args.test_split,
+                "classes": args.class_prompts,
+                "metrics": metrics,
+            },
+            indent=1,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     logger.info("metrics written to %s", output)
     return metrics
 

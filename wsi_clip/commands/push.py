@@ -31,8 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     from wsi_clip.hub import push_checkpoint, stage_checkpoint, validate_checkpoint
 
     staged_dir = Path(args.output_dir or f"{Path(args.model_name_or_path).resolve()}-hub")
-    staged = stage_checkpoint(args.model_name_or_path, staged_dir, repo_id=args.repo_id,
-                              metrics_file=args.metrics_file, datasets=args.datasets or None)
+    staged = stage_checkpoint(
+        args.model_name_or_path,
+        staged_dir,
+        repo_id=args.repo_id,
+        metrics_file=args.metrics_file,
+        datasets=args.datasets or None,
+    )
     logger.info("staged %s -> %s (model card: %s)", args.model_name_or_path, staged, staged / "README.md")
     report = validate_checkpoint(staged, check_loading=not args.skip_load_check)
     print(report)

@@ -38,7 +38,8 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
 
     parser = HfArgumentParser(ARGUMENT_CLASSES, prog=COMMAND)
     model_args, data_args, training_args = parse_args_with_config(
-        parser, sys.argv[1:] if argv is None else argv, COMMAND)
+        parser, sys.argv[1:] if argv is None else argv, COMMAND
+    )
     if not data_args.train_file:
         parser.error("train_file is required (in the config file or as --train_file).")
     if not (model_args.model_name_or_path or model_args.text_model_name_or_path):
@@ -77,18 +78,25 @@ def build_model(model_args: ModelArguments, feature_dim: int):
         slide_path = resolve_pretrained_path(model_args.slide_encoder_name_or_path)
         slide_config = parse_mapping(model_args.slide_config, "slide_config")
         if slide_path and slide_config:
-            raise ValueError("slide_config configures a new slide tower; it cannot be combined with "
-                             f"slide_encoder_name_or_path={slide_path!r}. Remove one of them.")
+            raise ValueError(
+                "slide_config configures a new slide tower; it cannot be combined with "
+                f"slide_encoder_name_or_path={slide_path!r}. Remove one of them."
+            )
         slide_config.setdefault("input_dim", feature_dim)
         model = WSIClipModel.from_towers(
-            slide_encoder=slide_path, text_model=resolve_pretrained_path(model_args.text_model_name_or_path),
-            slide_config=None if slide_path else slide_config, slide_tower=model_args.slide_tower,
-            projection_dim=model_args.projection_dim, text_pooling=model_args.text_pooling,
+            slide_encoder=slide_path,
+            text_model=resolve_pretrained_path(model_args.text_model_name_or_path),
+            slide_config=None if slide_path else slide_config,
+            slide_tower=model_args.slide_tower,
+            projection_dim=model_args.projection_dim,
+            text_pooling=model_args.text_pooling,
             logit_scale_init_value=model_args.logit_scale_init_value,
             logit_scale_max=model_args.logit_scale_max if model_args.logit_scale_max > 0 else None,
             text_to_slide_loss=model_args.text_to_slide_loss,
             text_model_kwargs={"attn_implementation": model_args.text_attn_implementation}
-            if model_args.text_attn_implementation else None)
+            if model_args.text_attn_implementation
+            else None,
+        )
     model.freeze(slide_model=model_args.freeze_slide_encoder, text_model=model_args.freeze_text_model)
     return model
 
@@ -108,15 +116,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from wsi_clip.trainer import WSIClipTrainer
 
     on_error = "skip" if data_args.skip_bad_samples else "raise"
-    require_case_id = data_args.require_case_id if data_args.require_case_id is not None \
-        else data_args.sample_by == "case"
-    train_dataset = load_annotations(data_args.train_file, "clip", h5_root=data_args.h5_root,
-                                     split=data_args.train_split, on_error=on_error, require_case_id=require_case_id)
+    require_case_id = (
+        data_args.require_case_id if data_args.require_case_id is not None else data_args.sample_by == "case"
+    )
+    train_dataset = load_annotations(
+        data_args.train_file,
+        "clip",
+        h5_root=data_args.h5_root,
+        split=data_args.train_split,
+        on_error=on_error,
+        require_case_id=require_case_id,
+    )
     eval_dataset = None
     validation_file = data_args.validation_file or data_args.train_file
     if data_args.validation_file or data_args.validation_split:
-        eval_dataset = load_annotations(validation_file, "clip", h5_root=data_args.h5_root,
-                                        split=data_args.validation_split, on_error=on_error)
+        eval_dataset = load_annotations(
+            validation_file, "clip", h5_root=data_args.h5_root, split=data_args.validation_split, on_error=on_error
+        )
     for local in (model_args.model_name_or_path, model_args.slide_encoder_name_or_path):
         require_checkpoint_files(resolve_pretrained_path(local))
     feature_dim = common_feature_dim(train_dataset["h5_path"])  # sizes a new slide tower
@@ -124,34 +140,65 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     set_seed(training_args.seed)
     model = build_model(model_args, feature_dim)
     # pre-flight: every slide against the tower's input contract (dimension, position grid), before any step
-    checks = dict(slide_contract(model.config.slide_config), check_values=data_args.check_feature_values,
-                  skip_bad_samples=data_args.skip_bad_samples)
-    train_dataset = preflight_dataset(train_dataset, source=data_args.train_file, require_case_id=require_case_id,
-                                      **checks)
+    checks = dict(
+        slide_contract(model.config.slide_config),
+        check_values=data_args.check_feature_values,
+        skip_bad_samples=data_args.skip_bad_samples,
+    )
+    train_dataset = preflight_dataset(
+        train_dataset, source=data_args.train_file, require_case_id=require_case_id, **checks
+    )
     if eval_dataset is not None:
         eval_dataset = preflight_dataset(eval_dataset, source=validation_file, **checks)
     feature_dim = model.config.slide_config.input_dim
-    logger.info("training on %d slides (%d cases), evaluating on %s; %d-d tile features", len(train_dataset),
-                len(set(train_dataset["case_id"])), len(eval_dataset) if eval_dataset is not None else "none",
-                feature_dim)
-    tokenizer_source = resolve_pretrained_path(model_args.tokenizer_name_or_path or model_args.model_name_or_path
-                                               or model_args.text_model_name_or_path)
+    logger.info(
+        "training on %d slides (%d cases), evaluating on %s; %d-d tile features",
+        len(train_dataset),
+        len(set(train_dataset["case_id"])),
+        len(eval_dataset) if eval_dataset is not None else "none",
+        feature_dim,
+    )
+    tokenizer_source = resolve_pretrained_path(
+        model_args.tokenizer_name_or_path or model_args.model_name_or_path or model_args.text_model_name_or_path
+    )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     eval_max_tiles = _no_cap(data_args.eval_max_tiles if data_args.eval_max_tiles is not None else data_args.max_tiles)
-    processor = WSIProcessor(tokenizer, max_tiles=eval_max_tiles, tile_sampling="uniform", feature_dim=feature_dim,
-                             max_length=data_args.max_length)
+    processor = WSIProcessor(
+        tokenizer,
+        max_tiles=eval_max_tiles,
+        tile_sampling="uniform",
+        feature_dim=feature_dim,
+        max_length=data_args.max_length,
+    )
     class_prompts = load_class_prompts(data_args.class_prompts) if data_args.class_prompts else None
     class_names = class_prompts.labels if class_prompts is not None else None
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
-    train_collator = WSIClipCollator(processor, max_tiles=_no_cap(data_args.max_tiles),
-                                     tile_sampling=data_args.tile_sampling, text_max_length=data_args.max_length,
-                                     seed=data_seed)
-    eval_collator = WSIClipCollator(processor, max_tiles=eval_max_tiles, tile_sampling="uniform",
-                                    text_max_length=data_args.max_length, class_names=class_names)
+    train_collator = WSIClipCollator(
+        processor,
+        max_tiles=_no_cap(data_args.max_tiles),
+        tile_sampling=data_args.tile_sampling,
+        text_max_length=data_args.max_length,
+        seed=data_seed,
+    )
+    eval_collator = WSIClipCollator(
+        processor,
+        max_tiles=eval_max_tiles,
+        tile_sampling="uniform",
+        text_max_length=data_args.max_length,
+        class_names=class_names,
+    )
 
-    trainer = WSIClipTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                             data_collator=train_collator, eval_data_collator=eval_collator, processing_class=processor,
-                             sample_by=data_args.sample_by, class_prompts=class_prompts)
+    trainer = WSIClipTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=train_collator,
+        eval_data_collator=eval_collator,
+        processing_class=processor,
+        sample_by=data_args.sample_by,
+        class_prompts=class_prompts,
+    )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()  # model + processor, safetensors, auto_map and modeling files
     metrics = dict(result.metrics)

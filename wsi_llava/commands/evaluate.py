@@ -52,9 +52,15 @@ def slidebench_to_records(path: Path) -> list[dict[str, Any]] | None:
     records = []
     for row in rows:
         options = "".join(f"\n{c}) {row[c]}" for c in letters if str(row.get(c) or "").strip())
-        records.append({"slide_id": row["Slide"], "question": row["Question"].strip() + options,
-                        "answer": row["Answer"].strip(), "category": row.get("Narrow Category") or row.get("Task", ""),
-                        "dataset": "SlideBench"})
+        records.append(
+            {
+                "slide_id": row["Slide"],
+                "question": row["Question"].strip() + options,
+                "answer": row["Answer"].strip(),
+                "category": row.get("Narrow Category") or row.get("Task", ""),
+                "dataset": "SlideBench",
+            }
+        )
     return records
 
 
@@ -90,13 +96,15 @@ def load_model_and_processor(args: EvaluationArguments, device: str) -> tuple[An
         model = PeftModel.from_pretrained(model, args.adapter)
     model.to(device).eval()
     source = args.processor or args.adapter or args.model_name_or_path
-    processor = WSIProcessor.from_pretrained(source if Path(source, "processor_config.json").is_file()
-                                             else args.model_name_or_path)
+    processor = WSIProcessor.from_pretrained(
+        source if Path(source, "processor_config.json").is_file() else args.model_name_or_path
+    )
     return model, processor
 
 
-def answer_loss(args: EvaluationArguments, model: Any, processor: Any, path: str, device: str, text_only: bool
-                ) -> dict[str, float]:
+def answer_loss(
+    args: EvaluationArguments, model: Any, processor: Any, path: str, device: str, text_only: bool
+) -> dict[str, float]:
     """Teacher-forced loss (nats per answer token, token-weighted over the whole file) of the gold answers: how well
     the model predicts the reference, with the slide or (``text_only``) without it."""
     import torch
@@ -107,8 +115,13 @@ def answer_loss(args: EvaluationArguments, model: Any, processor: Any, path: str
     rows = load_annotations(path, "llava", h5_root=args.h5_root, split=args.test_split)
     if args.max_items:
         rows = rows.select(range(min(args.max_items, len(rows))))
-    collator = InstructionCollator(processor, max_tiles=args.max_tiles or processor.max_tiles,
-                                   tile_sampling="uniform", max_length=args.max_length, text_only=text_only)
+    collator = InstructionCollator(
+        processor,
+        max_tiles=args.max_tiles or processor.max_tiles,
+        tile_sampling="uniform",
+        max_length=args.max_length,
+        text_only=text_only,
+    )
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), args.batch_size), desc="answer loss"):
@@ -126,9 +139,10 @@ def retrieval_predictions(args: EvaluationArguments, items: list[dict[str, Any]]
     """The retrieval baseline: for every item, the answer of the ``--retrieval_pool`` item (e.g. the training
     reports) whose WSI-CLIP text embedding is nearest to the item's slide embedding (``--model_name_or_path``: a
     WSI-CLIP checkpoint)."""
+    from transformers import AutoModel
+
     import wsi_clip  # noqa: F401  (registers WSI-CLIP)
     from processing import WSIProcessor
-    from transformers import AutoModel
     from wsi_clip.evaluation import nearest_texts
 
     if not args.retrieval_pool:
@@ -156,11 +170,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report = {"loss": answer_loss(args, model, processor, args.test_file, device, args.text_only)}
         if args.loss_text_only_too and not args.text_only:
             report["loss_text_only"] = answer_loss(args, model, processor, args.test_file, device, True)
-        for key, label in (("loss", "text only" if args.text_only else "with the slide"),
-                           ("loss_text_only", "text only")):
+        for key, label in (
+            ("loss", "text only" if args.text_only else "with the slide"),
+            ("loss_text_only", "text only"),
+        ):
             if key in report:
-                print(f"answer loss ({label}): {report[key]['answer_loss']:.4f} nats/token over "
-                      f"{report[key]['answer_tokens']} tokens (n={report[key]['n']})")
+                print(
+                    f"answer loss ({label}): {report[key]['answer_loss']:.4f} nats/token over "
+                    f"{report[key]['answer_tokens']} tokens (n={report[key]['n']})"
+                )
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(json.dumps({"metrics": report}, indent=1), encoding="utf-8")
@@ -179,12 +197,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             gen_kwargs["temperature"] = args.temperature
         if args.token_selection:
             gen_kwargs["token_selection"] = args.token_selection
-            gen_kwargs["token_selection_kwargs"] = parse_mapping(args.token_selection_kwargs,
-                                                                   "token_selection_kwargs")
+            gen_kwargs["token_selection_kwargs"] = parse_mapping(args.token_selection_kwargs, "token_selection_kwargs")
         slides = None if args.text_only else [i["h5_path"] for i in items]
-        predictions = generate_answers(model, processor, slides, [i["history"] for i in items],
-                                       batch_size=args.batch_size, max_tiles=args.max_tiles, progress=True,
-                                       **gen_kwargs)
+        predictions = generate_answers(
+            model,
+            processor,
+            slides,
+            [i["history"] for i in items],
+            batch_size=args.batch_size,
+            max_tiles=args.max_tiles,
+            progress=True,
+            **gen_kwargs,
+        )
     for item, prediction in zip(items, predictions):
         item["prediction"] = prediction
     # the training items themselves: the majority answer is taken per question kind (choice / yes_no)
@@ -192,26 +216,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = summarize(items, majority)
     closed = report.get("closed")
     if closed:
-        print(f"closed questions (n={closed['n']}): accuracy {closed['accuracy']:.3f} | blind baselines: majority "
-              f"answer per kind {closed['majority_baseline']:.3f}, random {closed['random_baseline']:.3f} | "
-              f"unparsed answers {closed['unparsed']:.3f}")
+        print(
+            f"closed questions (n={closed['n']}): accuracy {closed['accuracy']:.3f} | blind baselines: majority "
+            f"answer per kind {closed['majority_baseline']:.3f}, random {closed['random_baseline']:.3f} | "
+            f"unparsed answers {closed['unparsed']:.3f}"
+        )
         for kind, m in closed["by_kind"].items():
-            print(f"  {kind} (n={m['n']}): accuracy {m['accuracy']:.3f} | majority answer '{m['majority_answer']}' "
-                  f"({'from --majority_from' if m['majority_from'] == 'source' else 'of the evaluated set'}) "
-                  f"{m['majority_baseline']:.3f}, random {m['random_baseline']:.3f}")
+            print(
+                f"  {kind} (n={m['n']}): accuracy {m['accuracy']:.3f} | majority answer '{m['majority_answer']}' "
+                f"({'from --majority_from' if m['majority_from'] == 'source' else 'of the evaluated set'}) "
+                f"{m['majority_baseline']:.3f}, random {m['random_baseline']:.3f}"
+            )
     opened = report.get("open")
     if opened:
-        print(f"open answers (n={opened['n']}): " + ", ".join(
-            f"{k.upper().replace('_', '-')} {v:.3f}" for k, v in opened.items() if k != "n"))
+        print(
+            f"open answers (n={opened['n']}): "
+            + ", ".join(f"{k.upper().replace('_', '-')} {v:.3f}" for k, v in opened.items() if k != "n")
+        )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         for item in items:
             item.pop("history", None)
-        Path(args.output).write_text(json.dumps({"metrics": report, "items": items}, indent=1, ensure_ascii=False),
-                                     encoding="utf-8")
+        Path(args.output).write_text(
+            json.dumps({"metrics": report, "items": items}, indent=1, ensure_ascii=False), encoding="utf-8"
+        )
         logger.info("predictions and metrics written to %s", args.output)
     return report
-
 
 
 def cli() -> int:

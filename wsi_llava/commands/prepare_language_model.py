@@ -33,13 +33,14 @@ def check_generation(folder: str) -> str:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     question = [{"role": "user", "content": "What is the capital of France?"}]
     if tokenizer.chat_template:
-        inputs = tokenizer.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
+        inputs = tokenizer.apply_chat_template(
+            question, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
     else:
         inputs = tokenizer("Q: What is the capital of France?\nA:", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
-    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     params = sum(p.numel() for p in model.parameters()) / 1e6
     logger.info("%s, %.1fM parameters; 'What is the capital of France?' -> %r", type(model).__name__, params, answer)
     return answer

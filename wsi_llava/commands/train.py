@@ -74,32 +74,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     set_seed(args.seed)
     on_error = "skip" if data_args.skip_bad_samples else "raise"
-    train = load_annotations(data_args.train_file, "llava", h5_root=data_args.h5_root, split=data_args.train_split,
-                             on_error=on_error)
+    train = load_annotations(
+        data_args.train_file, "llava", h5_root=data_args.h5_root, split=data_args.train_split, on_error=on_error
+    )
     if data_args.max_train_samples:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     evaluation = None
     validation_file = data_args.validation_file or data_args.train_file
     if data_args.validation_file or data_args.validation_split:
-        evaluation = load_annotations(validation_file, "llava", h5_root=data_args.h5_root,
-                                      split=data_args.validation_split, on_error=on_error)
+        evaluation = load_annotations(
+            validation_file, "llava", h5_root=data_args.h5_root, split=data_args.validation_split, on_error=on_error
+        )
     for local in (model_args.model_name_or_path, model_args.slide_encoder_name_or_path, model_args.projector_path):
         require_checkpoint_files(local)
     model, processor, fresh = build_model_and_processor(model_args, data_args, conversation_texts(train))
-    collator = InstructionCollator(processor, max_tiles=data_args.max_tiles, tile_sampling=data_args.tile_sampling,
-                                   max_length=data_args.max_length, seed=args.data_seed if args.data_seed is not None
-                                   else args.seed, text_only=data_args.text_only)
+    collator = InstructionCollator(
+        processor,
+        max_tiles=data_args.max_tiles,
+        tile_sampling=data_args.tile_sampling,
+        max_length=data_args.max_length,
+        seed=args.data_seed if args.data_seed is not None else args.seed,
+        text_only=data_args.text_only,
+    )
     # pre-flight: every slide against the tower's input contract and every prompt, before any training step
-    checks = dict(slide_contract(model.config.vision_config), check_values=data_args.check_feature_values,
-                  skip_bad_samples=data_args.skip_bad_samples, row_check=collator.example)
+    checks = dict(
+        slide_contract(model.config.vision_config),
+        check_values=data_args.check_feature_values,
+        skip_bad_samples=data_args.skip_bad_samples,
+        row_check=collator.example,
+    )
     train = preflight_dataset(train, source=data_args.train_file, **checks)
     if evaluation is not None:
         evaluation = preflight_dataset(evaluation, source=validation_file, **checks)
-    if args.train_sampling_strategy in ("group_by_length", "batch_rebalance") and \
-            args.length_column_name not in train.column_names:
+    if (
+        args.train_sampling_strategy in ("group_by_length", "batch_rebalance")
+        and args.length_column_name not in train.column_names
+    ):
         # batches of similar length: a batch holding one long report costs as much as eight reports (padding)
-        train = train.add_column(args.length_column_name, [sum(len(t["content"]) for t in row["conversations"])
-                                                           for row in train])
+        train = train.add_column(
+            args.length_column_name, [sum(len(t["content"]) for t in row["conversations"]) for row in train]
+        )
     if data_args.text_only:
         logger.info("text only: prompts without the slide placeholder, no slide tokens (baseline run)")
     elif fresh and model_args.calibrate_gamma:
@@ -111,12 +125,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.gradient_checkpointing_kwargs = args.activation_checkpointing_kwargs
     trainable_model = prepare_stage(model, args)
     trainable, total = count_parameters(trainable_model)
-    logger.info("stage %d: %s trainable of %s parameters; token selection %r %s; gamma %.4g", args.stage,
-                f"{trainable:,}", f"{total:,}", model.config.token_selection, model.config.token_selection_kwargs,
-                projector_gamma(model))
-    trainer = WSILlavaTrainer(model=trainable_model, args=args, train_dataset=train, eval_dataset=evaluation,
-                              data_collator=collator, processing_class=processor,
-                              projector_lr=args.projector_lr if args.stage == 3 else None)
+    logger.info(
+        "stage %d: %s trainable of %s parameters; token selection %r %s; gamma %.4g",
+        args.stage,
+        f"{trainable:,}",
+        f"{total:,}",
+        model.config.token_selection,
+        model.config.token_selection_kwargs,
+        projector_gamma(model),
+    )
+    trainer = WSILlavaTrainer(
+        model=trainable_model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=collator,
+        processing_class=processor,
+        projector_lr=args.projector_lr if args.stage == 3 else None,
+    )
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: the loss / gamma history (training curves)
