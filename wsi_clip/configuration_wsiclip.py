@@ -112,8 +112,8 @@ class WSIClipConfig(PretrainedConfig):
             ``"pooler"`` (the encoder's own pooler output, e.g. BERT's tanh head).
         logit_scale_init_value: initial ``log`` of the inverse temperature, ``log(1 / 0.07)`` as in CLIP.
         logit_scale_max: upper bound of ``logit_scale`` (``log(100)`` as in CLIP); ``None`` disables the clamp.
-            The model
-            clamps in ``forward``; :class:`~wsi_clip.trainer.WSIClipTrainer` also clamps the parameter after each step.
+            The model clamps in ``forward``; :class:`~wsi_clip.trainer.WSIClipTrainer` also clamps the parameter
+            after each step.
         text_to_slide_loss: ``"soft"`` (soft-target cross-entropy over the case's slides, symmetric with slide→text)
             or ``"mil_nce"`` (only the best-matching slides need to match the report).
         identical_texts_are_positives: count identical captions in a batch as positives (duplicated template captions

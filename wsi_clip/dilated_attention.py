@@ -267,7 +267,7 @@ def dilated_attention(
         backend: attention kernel, see :func:`attention_with_lse`. When autograd records on CPU with the fused
             kernel, each call goes through :class:`_RegatheredCpuAttention`, which keeps the dense q/k/v for
             backward instead of their per-branch dilated copies (same gradients; at 16k tiles without
-            checkpointing 16 % lower peak memory and 5 % faster, see the README).
+            checkpointing 16 % lower peak memory and 5 % faster).
         materialize_padding: compute a short last segment's zero pad keys explicitly instead of folding them in
             analytically. Both give upstream's outputs; only the former gives upstream's gradients, so the
             default is "whenever autograd records".

@@ -10,6 +10,7 @@ interpreter where this package **cannot** be imported (a meta-path blocker makes
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 BASE_PACKAGES = ("processing", "wsi_clip")
 KIND_ENTRY_POINTS = "wsi_mm.model_kinds"  # setup.cfg: packages above this one that add checkpoint kinds
@@ -37,8 +40,6 @@ MODEL_KINDS: dict[str, ModelKind] = {
     "wsi_slide_encoder": ModelKind(
         "AutoModel", "feature-extraction", "wsi_clip", "Prov-GigaPath-compatible slide encoder"
     ),
-    "wsi_abmil": ModelKind("AutoModel", "feature-extraction", "wsi_clip", "ABMIL slide tower"),
-    "wsi_mean_pool": ModelKind("AutoModel", "feature-extraction", "wsi_clip", "mean-pooling slide tower"),
 }
 
 
@@ -52,7 +53,10 @@ def _load_kind_plugins() -> None:
     from importlib.metadata import entry_points
 
     for entry in entry_points(group=KIND_ENTRY_POINTS):
-        entry.load()
+        try:
+            entry.load()
+        except Exception as err:  # noqa: BLE001 - one broken plugin must not stop the checks of the others
+            logger.warning("checkpoint kinds of %s could not be loaded: %s: %s", entry.value, type(err).__name__, err)
 
 
 def model_kind(model_type: str) -> ModelKind:
@@ -62,7 +66,8 @@ def model_kind(model_type: str) -> ModelKind:
     if model_type not in MODEL_KINDS:
         raise CheckpointError(
             f"model_type {model_type!r} is not a checkpoint kind of this package (known: "
-            f"{sorted(MODEL_KINDS)}); is the package that defines it installed?"
+            f"{sorted(MODEL_KINDS)}); is the package that defines it installed (pip install -e . in a checkout: its "
+            f"entry point {KIND_ENTRY_POINTS!r} declares it)?"
         )
     return MODEL_KINDS[model_type]
 

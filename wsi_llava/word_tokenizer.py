@@ -1,5 +1,5 @@
 """A word-level tokenizer built offline from the training texts: the tokenizer of a randomly initialised tiny LM
-(``wsi-train-llava --tokenizer_name_or_path word``, the tests and the quick demo)."""
+(``wsi-train-llava --tokenizer_name_or_path word`` and the tests)."""
 
 from __future__ import annotations
 

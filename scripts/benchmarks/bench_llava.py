@@ -265,7 +265,8 @@ class SplicedPrefill:
     selection, the slide embedding first when ``config.prepend_slide_embedding``, projector, splice) and then the LM
     prefill with KV cache and the last position's logits. Only the slide tower is taken out: it runs once in
     ``__init__`` (with the CLS-attention row, timed as ``tower_s``) and, during a call, the model's ``_tower_tokens``
-    returns those cached outputs. ``tests/test_bench_llava.py`` checks the logits against the model's own forward.
+    returns those cached outputs. ``tests/scripts/test_bench_llava.py`` checks the logits against the model's own
+    forward.
     """
 
     def __init__(self, model: Any, batch: dict[str, torch.Tensor], device: str):

@@ -122,8 +122,6 @@ def test_save_and_load_round_trip(processor, tmp_path):
 def test_auto_processor_loads_without_remote_code(processor, tmp_path):
     from transformers import AutoProcessor
 
-    import wsi_clip  # noqa: F401  (registers WSIProcessor with AutoProcessor)
-
     processor.save_pretrained(tmp_path)
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded).__name__ == "WSIProcessor" and loaded.max_tiles == 8
