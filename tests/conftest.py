@@ -76,6 +76,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun_command(worker: str, *args: object) -> list[str]:
+    """``python -m torch.distributed.run`` with 2 CPU processes on a free port, running ``tests/dist/<worker>``;
+    the workers take the repository root as their last argument where they need it."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO_ROOT / "tests" / "dist" / worker),
+        *map(str, args),
+    ]
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a plain safetensors folder, converted once from the PyPI wheel's GGUF (cached in

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -15,7 +14,7 @@ import pytest
 from processing import SlideFormatError, WSIDataError, inspect_slide, preflight_check, write_slide
 from processing.preflight import check_grid
 
-from conftest import free_port, grid_coords
+from conftest import grid_coords, torchrun_command
 
 
 def _row(path, i, case="c"):
@@ -97,19 +96,7 @@ def test_two_processes_split_the_files_and_share_one_report(tmp_path):
 
     def torchrun(out_dir: Path, **env: str) -> subprocess.CompletedProcess:
         out_dir.mkdir()
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            str(repo / "tests" / "dist" / "preflight_worker.py"),
-            str(out_dir),
-            str(repo),
-            *paths,
-        ]
+        cmd = torchrun_command("preflight_worker.py", out_dir, repo, *paths)
         return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, **env})
 
     proc = torchrun(tmp_path / "run")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from wsi_clip.losses import multi_positive_contrastive_loss, positive_mask
 
-from conftest import free_port
+from conftest import torchrun_command
 
 DIST = Path(__file__).resolve().parents[1] / "dist"
 
@@ -87,18 +87,7 @@ def test_two_processes_equal_one_process_batch_of_eight(tmp_path):
     ref.loss.backward()
     out_file = tmp_path / "dist.pt"
     repo = Path(__file__).resolve().parents[2]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(DIST / "loss_worker.py"),
-        str(out_file),
-        str(repo),
-    ]
+    cmd = torchrun_command("loss_worker.py", out_file, repo)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out_file, weights_only=True)
