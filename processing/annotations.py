@@ -276,4 +276,22 @@ def load_annotations(
     return datasets.Dataset.from_list(rows)
 
 
-__all__ = ["load_annotations", "SEED_COLUMNS", "REQUIRED_COLUMNS"]
+def row_patch_size(row: dict[str, Any], default: int | None = None) -> int | None:
+    """The row's optional ``patch_size_level0`` column (the slide's tile side in level-0 pixels, for files that
+    state none or state it wrongly), else ``default``; empty cells (CSV ``""``, NaN) count as absent."""
+    value = row.get("patch_size_level0")
+    if value is None or (isinstance(value, str) and not value.strip()) or value != value:  # NaN != NaN
+        return default
+    try:
+        size = int(float(value))
+    except (TypeError, ValueError):
+        size = 0
+    if size <= 0 or size != float(value):
+        raise AnnotationError(
+            f"annotation row {row.get('row', '?')} ({row.get('h5_path', '?')}): patch_size_level0={value!r} is not a "
+            "positive integer (the tile side in level-0 pixels, e.g. 512 for 20x tiles on a 40x scan)."
+        )
+    return size
+
+
+__all__ = ["load_annotations", "row_patch_size", "SEED_COLUMNS", "REQUIRED_COLUMNS"]

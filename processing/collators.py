@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .annotations import row_patch_size
 from .processing_wsi import WSIProcessor
 
 
@@ -41,6 +42,7 @@ class _SlideBatcher:
     tile_sampling: str | None = None
     seed: int | None = None
     epoch: int = 0
+    patch_size_level0: int | None = None  # override of every file's tile side (a row's column wins)
 
     def row_seed(self, row: dict[str, Any]) -> int | None:
         """The tile-sampling seed of ``row`` in the current epoch (``None`` without a collator seed).
@@ -54,7 +56,11 @@ class _SlideBatcher:
     def _slides(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         slides = [
             self.processor.load_slide(
-                row["h5_path"], max_tiles=self.max_tiles, tile_sampling=self.tile_sampling, seed=self.row_seed(row)
+                row["h5_path"],
+                max_tiles=self.max_tiles,
+                tile_sampling=self.tile_sampling,
+                seed=self.row_seed(row),
+                patch_size_level0=row_patch_size(row, self.patch_size_level0),
             )
             for row in rows
         ]

@@ -9,7 +9,6 @@ are dropped and counted instead.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .coordinates import infer_tile_stride, validate_coords
+from .annotations import row_patch_size
+from .coordinates import infer_tile_stride, resolve_patch_size, validate_coords
 from .errors import SlideFormatError, WSIDataError
 from .feature_reader import as_float32, finite_rows
 from .slide_io import features_dataset, open_slide_file, read_coords
@@ -29,30 +29,30 @@ _VALUE_SCAN_ROWS = 8192  # rows per chunk when scanning features for NaN/Inf (bo
 _MAX_LISTED = 50
 
 
-def check_grid(coords: np.ndarray, tile_size: int, slide_ngrids: int, source: str) -> None:
-    """Raise when ``floor(coords / tile_size)`` leaves the encoder's ``0..slide_ngrids-1`` position grid.
+def check_grid(coords: np.ndarray, patch_size_level0: int, slide_ngrids: int, source: str) -> None:
+    """Raise when the tiles' grid cells ``floor(coords / patch_size_level0)`` leave the encoder's
+    ``0..slide_ngrids-1`` position grid.
 
     Upstream GigaPath silently aliases such tiles onto other rows of its position table (or hits a device
-    assert); the message names the tile and the rescaling that fixes it.
+    assert); the message names the tile and the fix.
     """
-    cells = coords // tile_size  # [N, 2]
+    cells = coords // patch_size_level0  # [N, 2]
     outside = np.flatnonzero((cells >= slide_ngrids).any(axis=1) | (cells < 0).any(axis=1))
     if not outside.size:
         return
     i = int(outside[0])
-    factor = max(2, math.ceil((int(coords.max()) // tile_size + 1) / slide_ngrids))
     stride = infer_tile_stride(coords)
     stride_note = (
-        f" The tile stride in this file is {stride} px but the model's tile_size is {tile_size} px: "
-        f"coordinates are probably at a higher magnification than the model expects."
-        if stride and stride != tile_size
+        f" The tiles are {stride} px apart but the tile side used is {patch_size_level0} px: if {stride} is the "
+        f"level-0 tile side, pass patch_size_level0={stride} (--patch_size_level0)."
+        if stride and stride > patch_size_level0
         else ""
     )
     raise SlideFormatError(
-        f"{source}: {outside.size} tile(s) fall outside the position grid 0..{slide_ngrids - 1} for tile_size "
-        f"{tile_size} (first: row {i}, (x, y) = {tuple(int(v) for v in coords[i])} → grid cell "
-        f"{tuple(int(v) for v in cells[i])}).{stride_note} Fix: divide the coordinates by {factor} (or more), or "
-        f"use a model whose max_wsi_size covers {int(coords.max()) + tile_size} px."
+        f"{source}: {outside.size} tile(s) fall outside the position grid 0..{slide_ngrids - 1} at "
+        f"patch_size_level0 {patch_size_level0} (first: row {i}, (x, y) = {tuple(int(v) for v in coords[i])} → "
+        f"grid cell {tuple(int(v) for v in cells[i])}).{stride_note} Otherwise the slide is larger than the "
+        f"model's grid covers ({slide_ngrids} tiles per side): use a model with a larger slide_ngrids."
     )
 
 
@@ -63,26 +63,30 @@ def inspect_slide(
     tile_size: int | None = None,
     slide_ngrids: int | None = None,
     check_values: bool = True,
+    patch_size_level0: int | None = None,
 ) -> int:
     """Validate one slide file without loading it whole; returns its tile count.
 
-    Raises :class:`SlideFormatError` for every contract violation :func:`processing.read_slide` would raise,
-    plus a wrong feature dimension and coordinates outside the encoder's position grid.
+    Raises :class:`SlideFormatError` for every contract violation :func:`processing.read_slide` would raise
+    (collapsed grids included), plus a wrong feature dimension and grid cells outside the encoder's position grid
+    (``tile_size``: the model's, used when the slide's own tile side is unknown; ``patch_size_level0``: an
+    override of the file's).
     """
     path = Path(path)
     with open_slide_file(path) as f:
         ds = features_dataset(f, path)
         num_tiles, dim = (int(v) for v in ds.shape)
-        coords, _, _ = read_coords(f, path, num_tiles)
+        coords, _, stated = read_coords(f, path, num_tiles)
         validate_coords(coords, str(path))
+        patch, _ = resolve_patch_size(coords, stated, patch_size_level0, str(path), default=tile_size)
         if feature_dim is not None and dim != feature_dim:
             raise SlideFormatError(
                 f"{path}: tile features have dimension {dim} but the model expects "
                 f"{feature_dim}. Use features from the model's tile encoder, or configure the "
                 f"model's input dimension as {dim}."
             )
-        if tile_size is not None and slide_ngrids is not None:
-            check_grid(coords, tile_size, slide_ngrids, str(path))
+        if patch is not None and slide_ngrids is not None:
+            check_grid(coords, patch, slide_ngrids, str(path))
         if check_values:
             for start in range(0, num_tiles, _VALUE_SCAN_ROWS):
                 finite = finite_rows(as_float32(ds[start : start + _VALUE_SCAN_ROWS]))  # [rows]
@@ -140,6 +144,7 @@ def preflight_check(
     source: str = "dataset",
     progress: bool = True,
     row_check: Callable[[dict[str, Any]], Any] | None = None,
+    patch_size_level0: int | None = None,
 ) -> PreflightReport:
     """Check every row's slide (each distinct file once) before training; raise or skip.
 
@@ -154,6 +159,8 @@ def preflight_check(
         skip_bad_samples: drop bad rows (logged and counted) instead of raising.
         row_check: called on every row; a :class:`WSIDataError` it raises (e.g. a prompt that cannot be built)
             makes the row bad like a broken slide does.
+        patch_size_level0: override of every file's tile side in level-0 pixels (a row's ``patch_size_level0``
+            column wins), as the collators use it.
 
     Raises:
         WSIDataError: listing every bad row, unless ``skip_bad_samples``.
@@ -163,6 +170,12 @@ def preflight_check(
     rows = list(rows)
     report = PreflightReport(num_rows=len(rows))
     paths = list(dict.fromkeys(str(row.get("h5_path") or "") for row in rows))
+    patch_sizes: dict[str, int | None] = {}
+    for row in rows:
+        try:
+            patch_sizes.setdefault(str(row.get("h5_path") or ""), row_patch_size(row, patch_size_level0))
+        except WSIDataError:
+            patch_sizes.setdefault(str(row.get("h5_path") or ""), None)  # reported with the row below
     rank, world = _process_rank_and_count()
     mine = paths[rank::world]  # in a distributed run each process checks its share of the distinct files
     verdicts: dict[str, tuple[int, str | None]] = {}
@@ -177,6 +190,7 @@ def preflight_check(
                         tile_size=tile_size,
                         slide_ngrids=slide_ngrids,
                         check_values=check_values,
+                        patch_size_level0=patch_sizes[path],
                     ),
                     None,
                 )
@@ -212,6 +226,10 @@ def preflight_check(
         tiles, error = verdicts[path]
         if error:
             problems.append(error)
+        try:
+            row_patch_size(row)
+        except WSIDataError as err:
+            problems.append(str(err))
         if row_check is not None:
             try:
                 row_check(row)

@@ -6,6 +6,7 @@ transformers and sibling modules.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -18,7 +19,7 @@ import torch
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .coordinates import validate_coords
+from .coordinates import resolve_patch_size, validate_coords
 from .errors import PromptError, SlideFormatError
 from .slide_io import SlideFeatures, read_slide
 from .tile_sampling import TILE_SAMPLING_STRATEGIES, sample_tile_indices
@@ -47,15 +48,23 @@ class WSIProcessor(ProcessorMixin):
     """Tokenizer + slide options for WSI-CLIP and WSI-LLaVA.
 
     ``processor(slides=..., text=...)`` returns ``tile_features [B, Nmax, D]`` (float32), ``tile_coords
-    [B, Nmax, 2]`` (int64, (x, y) level-0 pixels), ``tile_mask [B, Nmax]`` (True = real tile; padding is
-    zeros with mask False), and ``input_ids`` / ``attention_mask`` for the texts.
+    [B, Nmax, 2]`` (int64 (x, y) in the model's frame, see below), ``tile_mask [B, Nmax]`` (True = real tile;
+    padding is zeros with mask False), and ``input_ids`` / ``attention_mask`` for the texts.
+
+    Positions at any magnification: each slide's tiles are placed on the grid ``floor(coords / patch_size_level0)``
+    with the slide's own tile side in level-0 pixels (the file's attribute, else its tile stride; see
+    :func:`~processing.coordinates.resolve_patch_size`), and ``tile_coords`` are returned as ``grid * tile_size``,
+    so the slide encoder's ``floor(tile_coords / config.tile_size)`` is that grid whatever the scan magnification:
+    a 40× file (512-px level-0 tiles) and the same slide at 20× (256 px) give the same tensors. The slides' level-0
+    coordinates stay in :class:`~processing.slide_io.SlideFeatures` (``load_slide``) for drawing on the slide.
 
     Args:
         tokenizer: any Hugging Face tokenizer (may be ``None`` for slide-only use).
         max_tiles: tile cap per slide (``None``: no cap).
         tile_sampling: ``"uniform"`` (deterministic, evaluation), ``"random"`` (training) or ``"all"``.
         feature_dim: expected tile feature dimension; slides with another D are refused with a clear error.
-        tile_size: level-0 tile stride used only to lay out bare feature tensors given without coordinates.
+        tile_size: the slide encoder's ``config.tile_size``: the frame ``tile_coords`` are returned in (above), and
+            the stride that lays out bare feature tensors given without coordinates.
         slide_token: the placeholder string standing for the slide's visual tokens in WSI-LLaVA prompts.
         max_length: default token limit for texts / instruction examples.
     """
@@ -93,19 +102,26 @@ class WSIProcessor(ProcessorMixin):
         tile_sampling: str | None = None,
         seed: int | None = None,
         coords: torch.Tensor | np.ndarray | None = None,
+        patch_size_level0: int | None = None,
     ) -> SlideFeatures:
-        """Any accepted slide input → validated, spatially ordered, sampled :class:`SlideFeatures`.
+        """Any accepted slide input → validated, spatially ordered, sampled :class:`SlideFeatures` (level-0
+        coordinates, ``patch_size_level0`` resolved).
 
         Accepts an H5 path, a ``SlideFeatures``, a ``(features, coords)`` tuple, a ``{"features", "coords"}``
         dict, or a bare ``[N, D]`` tensor (with ``coords=`` or, without, laid out row-major on a square grid of
-        stride ``tile_size`` — fine for position-free towers, meaningless for LongNet).
+        stride ``tile_size`` — fine for position-free towers, meaningless for LongNet). ``patch_size_level0``
+        overrides the tile side the slide states (or that is inferred from its coordinates).
         """
         cap = self.max_tiles if max_tiles is None else max_tiles
         strategy = tile_sampling or self.tile_sampling
         if isinstance(slide, (str,)) or hasattr(slide, "__fspath__"):
-            result = read_slide(slide, max_tiles=cap, tile_sampling=strategy, seed=seed)
+            result = read_slide(
+                slide, max_tiles=cap, tile_sampling=strategy, seed=seed, patch_size_level0=patch_size_level0
+            )
+            if result.patch_size_level0 is None:  # one tile, or no two tiles in a row or column: the model's frame
+                result = dataclasses.replace(result, patch_size_level0=self.tile_size, patch_size_source="default")
         else:
-            result = self._in_memory_slide(slide, coords)
+            result = self._in_memory_slide(slide, coords, patch_size_level0)
             keep = sample_tile_indices(result.num_tiles, cap, strategy, seed)
             if keep.size != result.num_tiles:
                 result = result.select(keep)
@@ -118,9 +134,11 @@ class WSIProcessor(ProcessorMixin):
             )
         return result
 
-    def _in_memory_slide(self, slide: Any, coords: Any) -> SlideFeatures:
+    def _in_memory_slide(self, slide: Any, coords: Any, patch_size_level0: int | None = None) -> SlideFeatures:
+        patch_origin = None
         if isinstance(slide, SlideFeatures):
             features, xy, patch, path = slide.features, slide.coords, slide.patch_size_level0, slide.path
+            patch_origin = slide.patch_size_source
         else:
             if isinstance(slide, dict):
                 features, xy = slide.get("features"), slide.get("coords", coords)
@@ -136,6 +154,7 @@ class WSIProcessor(ProcessorMixin):
                 side = max(1, math.ceil(math.sqrt(features.shape[0])))
                 grid = torch.arange(features.shape[0])
                 xy = torch.stack([grid % side, grid // side], dim=1) * self.tile_size  # [N, 2] (x, y)
+                patch, patch_origin = self.tile_size, "default"
         features = torch.as_tensor(features)
         xy = torch.as_tensor(xy)
         source = path or "in-memory slide"
@@ -152,15 +171,27 @@ class WSIProcessor(ProcessorMixin):
         if not torch.isfinite(features.float()).all():
             raise SlideFormatError(f"{source}: features contain NaN/Inf values.")
         xy = torch.floor(xy).long() if xy.is_floating_point() else xy.long()
-        order = validate_coords(xy.cpu().numpy(), source)  # None: already row-major
-        if order is None:
-            return SlideFeatures(features.float(), xy, patch, path, "memory")
-        order = torch.from_numpy(order)
-        return SlideFeatures(features.float()[order], xy[order], patch, path, "memory")
+        xy_np = xy.cpu().numpy()
+        order = validate_coords(xy_np, source)  # None: already row-major
+        if patch_size_level0 is not None or patch_origin != "default":  # a SlideFeatures' own size counts as stated
+            resolved, how = resolve_patch_size(xy_np, patch, patch_size_level0, source, default=self.tile_size)
+            keep_origin = patch_size_level0 is None and patch is not None and patch_origin is not None
+            patch, patch_origin = resolved, patch_origin if keep_origin else how
+        features = features.float()
+        if order is not None:
+            order = torch.from_numpy(order)
+            features, xy = features[order], xy[order]
+        return SlideFeatures(features, xy, patch, path, "memory", patch_origin)
 
-    @staticmethod
-    def pad_slides(slides: Sequence[SlideFeatures]) -> dict[str, torch.Tensor]:
-        """Right-pad ragged slides into ``tile_features [B, Nmax, D]``, ``tile_coords``, ``tile_mask``."""
+    def model_frame_coords(self, slide: SlideFeatures) -> torch.Tensor:
+        """``[N, 2]`` int64 ``floor(coords / patch_size_level0) * tile_size``: the slide's grid in the frame of the
+        model's ``tile_size``."""
+        patch = slide.patch_size_level0 or self.tile_size
+        return torch.div(slide.coords, patch, rounding_mode="floor") * self.tile_size
+
+    def pad_slides(self, slides: Sequence[SlideFeatures]) -> dict[str, torch.Tensor]:
+        """Right-pad ragged slides into ``tile_features [B, Nmax, D]``, ``tile_coords`` (in the model's frame:
+        :meth:`model_frame_coords`), ``tile_mask``."""
         if not slides:
             raise ValueError("pad_slides needs at least one slide.")
         dims = {s.feature_dim for s in slides}
@@ -177,7 +208,7 @@ class WSIProcessor(ProcessorMixin):
         for i, s in enumerate(slides):
             n = s.num_tiles
             features[i, :n] = s.features
-            coords[i, :n] = s.coords
+            coords[i, :n] = self.model_frame_coords(s)
             mask[i, :n] = True
         return {"tile_features": features, "tile_coords": coords, "tile_mask": mask}
 
@@ -196,6 +227,7 @@ class WSIProcessor(ProcessorMixin):
         max_tiles: int | None = None,
         tile_sampling: str | None = None,
         seed: int | None = None,
+        patch_size_level0: int | None = None,
         padding: bool | str = True,
         truncation: bool = True,
         max_length: int | None = None,
@@ -223,6 +255,7 @@ class WSIProcessor(ProcessorMixin):
                     tile_sampling=tile_sampling,
                     seed=None if seed is None else seed + i,
                     coords=c,
+                    patch_size_level0=patch_size_level0,
                 )
                 for i, (s, c) in enumerate(zip(slide_list, coord_list))
             ]

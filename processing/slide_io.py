@@ -18,6 +18,7 @@ and (lazily, inside a ``try``) h5py.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .coordinates import validate_coords
+from .coordinates import resolve_patch_size, validate_coords
 from .errors import SlideFormatError
 from .feature_reader import finite_rows, read_feature_rows
 from .tile_sampling import sample_tile_indices
@@ -49,10 +50,12 @@ class SlideFeatures:
     Attributes:
         features: ``[N, D]`` float32 tile features.
         coords: ``[N, 2]`` int64 level-0 pixel coordinates, **(x, y)**, top-left corner of each tile.
-        patch_size_level0: tile side in level-0 pixels when the file says so, else ``None``
-            (see :func:`.coordinates.infer_tile_stride`).
+        patch_size_level0: tile side in level-0 pixels: the tile's grid position is ``floor(coords /
+            patch_size_level0)`` (:func:`.coordinates.tile_grid`). ``None`` when unknown.
         path: the file it came from (``None`` for in-memory slides).
         source_layout: ``"seed"``, ``"clam"``, ``"trident"`` or ``"memory"``.
+        patch_size_source: where ``patch_size_level0`` came from: ``"file"`` (stated by the file's attributes),
+            ``"inferred"`` (the tile stride of its coordinates), ``"given"`` (passed by the caller) or ``None``.
     """
 
     features: torch.Tensor
@@ -60,6 +63,7 @@ class SlideFeatures:
     patch_size_level0: int | None = None
     path: str | None = None
     source_layout: str = "memory"
+    patch_size_source: str | None = None
 
     @property
     def num_tiles(self) -> int:
@@ -72,9 +76,7 @@ class SlideFeatures:
     def select(self, indices: np.ndarray | torch.Tensor | Sequence[int]) -> SlideFeatures:
         """A new ``SlideFeatures`` holding only ``indices`` (in the given order)."""
         index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return SlideFeatures(
-            self.features[index], self.coords[index], self.patch_size_level0, self.path, self.source_layout
-        )
+        return dataclasses.replace(self, features=self.features[index], coords=self.coords[index])
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -205,6 +207,7 @@ def read_slide(
     tile_sampling: str = "all",
     seed: int | None = None,
     nonfinite: Literal["raise", "drop"] = "raise",
+    patch_size_level0: int | None = None,
 ) -> SlideFeatures:
     """Read one slide's tile features and coordinates, validated and in canonical form.
 
@@ -215,16 +218,21 @@ def read_slide(
             :func:`.tile_sampling.sample_tile_indices`); only the chosen rows' features are read. Without
             ``rows``, tiles come back sorted row-major by (y, x).
         nonfinite: ``"raise"`` (default) on NaN/Inf features, or ``"drop"`` those tiles with a warning.
+        patch_size_level0: the tile side in level-0 pixels, overriding what the file states (for files that state
+            nothing, or state it wrongly). Without it: the file's attribute, else the coordinates' tile stride
+            (:func:`.coordinates.resolve_patch_size`).
 
     Raises:
-        SlideFormatError: on any violation of the data contract, naming the file, the problem and the fix.
+        SlideFormatError: on any violation of the data contract, naming the file, the problem and the fix; this
+            includes a collapsed grid (many tiles in one grid cell: :func:`.coordinates.check_tile_grid`).
     """
     path = Path(path)
     with open_slide_file(path) as f:
         ds = features_dataset(f, path)
         num_tiles = int(ds.shape[0])
-        coords, layout, patch = read_coords(f, path, num_tiles)
+        coords, layout, stated = read_coords(f, path, num_tiles)
         order = validate_coords(coords, str(path))  # None: already row-major on disk
+        patch, patch_source = resolve_patch_size(coords, stated, patch_size_level0, str(path))
 
         if rows is not None:
             disk_rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -259,7 +267,12 @@ def read_slide(
         if features.shape[0] == 0:
             raise SlideFormatError(f"{path}: every selected tile has NaN/Inf features; nothing is left.")
     return SlideFeatures(
-        features=features, coords=coords_t, patch_size_level0=patch, path=str(path), source_layout=layout
+        features=features,
+        coords=coords_t,
+        patch_size_level0=patch,
+        path=str(path),
+        source_layout=layout,
+        patch_size_source=patch_source,
     )
 
 
@@ -279,11 +292,15 @@ def write_slide(
     layout: str = "seed",
     patch_size_level0: int | None = 256,
     dtype: str | np.dtype = "float16",
+    level0_magnification: float = 20,
+    target_magnification: float | None = None,
 ) -> Path:
     """Write tile ``features [N, D]`` and ``coords [N, 2]`` **(x, y)** in one of the three layouts.
 
     ``"seed"`` stores ``coords_yx`` (y, x); ``"clam"`` stores ``coords`` (x, y) without attributes;
-    ``"trident"`` stores ``coords`` (x, y) with TRIDENT's attributes (``patch_size_level0`` …).
+    ``"trident"`` stores ``coords`` (x, y) with TRIDENT's attributes (``patch_size_level0``, ``patch_size`` at the
+    target magnification, both magnifications …). A 40× scan tiled at 20× with 256-px tiles is
+    ``patch_size_level0=512, level0_magnification=40, target_magnification=20``.
     """
     _require_h5py()
     if layout not in SOURCE_LAYOUTS:
@@ -303,12 +320,13 @@ def write_slide(
             ds = f.create_dataset("coords", data=xy)
             if layout == "trident":
                 size = int(patch_size_level0 or 256)
+                target = level0_magnification if target_magnification is None else target_magnification
                 ds.attrs.update(
                     {
-                        "patch_size": size,
+                        "patch_size": int(round(size * target / level0_magnification)),
                         "patch_size_level0": size,
-                        "level0_magnification": 20,
-                        "target_magnification": 20,
+                        "level0_magnification": level0_magnification,
+                        "target_magnification": target,
                         "overlap": 0,
                         "name": path.stem,
                     }

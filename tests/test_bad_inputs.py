@@ -131,8 +131,8 @@ def test_train_script_preflight_grid_and_skip_bad_samples(clip_data, tmp_path, c
         script.main(argv)
     message = str(err.value)
     assert f"row 2: {tmp_path / 'far.h5'}: " in message
-    assert "outside the position grid 0..999 for tile_size 256" in message
-    assert "Fix: divide the coordinates by" in message
+    assert "outside the position grid 0..999 at patch_size_level0 256" in message
+    assert "The tiles are 256000 px apart" in message and "pass patch_size_level0=256000" in message
     assert_no_training_started(tmp_path / "out")
 
     with caplog.at_level("WARNING"):

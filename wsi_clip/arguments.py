@@ -12,6 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+PATCH_SIZE_HELP = (
+    "Tile side in level-0 pixels for every slide (e.g. 512 for 20x tiles on a 40x scan), overriding what the files "
+    "state; a patch_size_level0 annotation column wins. Default: each file's patch_size_level0, else its tile stride."
+)
+
 
 @dataclass
 class ModelArguments:
@@ -108,6 +113,7 @@ class DataArguments:
     tile_sampling: str = field(
         default="random", metadata={"help": "Training tile sampling: 'random' (augmentation), 'uniform' or 'all'."}
     )
+    patch_size_level0: int | None = field(default=None, metadata={"help": PATCH_SIZE_HELP})
     max_length: int | None = field(default=256, metadata={"help": "Token limit for captions / reports."})
     sample_by: str = field(
         default="slide",
@@ -165,6 +171,7 @@ class EvaluationArguments:
         default=None,
         metadata={"help": "Tiles per slide (uniform sampling); default: the saved processor's setting; 0: all tiles."},
     )
+    patch_size_level0: int | None = field(default=None, metadata={"help": PATCH_SIZE_HELP})
     batch_size: int = field(default=8, metadata={"help": "Slides per forward pass."})
     max_length: int | None = field(default=None, metadata={"help": "Token limit for texts (default: processor's)."})
     device: str | None = field(default=None, metadata={"help": "cuda / cpu / ... (default: cuda when available)."})
@@ -197,14 +204,29 @@ class ConvertArguments:
         },
     )
     tile_size: int = field(default=256, metadata={"help": "tile stride in coordinate units (upstream 256)"})
-    pooling: str = field(
-        default="cls",
+    pooling: str | None = field(
+        default=None,
         metadata={
-            "help": "pooler_output: 'cls' (upstream default call) or 'mean' (upstream global_pool=True)",
+            "help": "pooler_output: 'mean' (upstream global_pool=True; the default: the released CLS token was "
+            "never trained) or 'cls' (upstream default call)",
             "choices": ["cls", "mean"],
         },
     )
-    num_attention_heads: int = field(default=16, metadata={"help": "attention heads (16 in every upstream model)"})
+    embedding_layer: str | None = field(
+        default=None,
+        metadata={
+            "help": "encoder state pooler_output pools: 'final' (after the final LayerNorm, upstream default "
+            "call) or 0..depth (index into upstream's all_layer_embed list, no final LayerNorm). Default: '11' for "
+            "12-layer models (TRIDENT / upstream fine-tuning FEATLAYER=11), 'final' otherwise"
+        },
+    )
+    num_attention_heads: int | None = field(
+        default=None,
+        metadata={
+            "help": "attention heads; default: from upstream's LongNet table by (depth, width, FFN), "
+            "required for other shapes"
+        },
+    )
     slide_ngrids: int = field(default=1000, metadata={"help": "valid grid cells per axis (upstream 1000)"})
 
 

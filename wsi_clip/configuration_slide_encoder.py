@@ -57,6 +57,11 @@ class SlideEncoderConfig(PretrainedConfig):
         layer_norm_eps: eps of every LayerNorm inside the encoder (1e-5); head_norm_eps: the head ``norm`` (1e-6).
         pooling: ``"cls"`` reproduces upstream ``global_pool=False``; ``"mean"`` upstream ``global_pool=True``
             (mean over real tiles; recommended for the released weights, whose CLS token was never trained).
+        embedding_layer: which encoder state ``pooler_output`` pools: ``"final"`` (after the encoder's final
+            LayerNorm: the upstream default call ``model(x, coords)``) or ``"0"`` .. ``"num_hidden_layers"`` (an index
+            into upstream's ``all_layer_embed=True`` list: 0 = input embedding, i = raw output of layer i, no final
+            LayerNorm). TRIDENT and upstream fine-tuning use ``"11"`` with mean pooling for the released 12-layer
+            weights (the converter's default for them); models trained here use ``"final"``.
         attention_backend: ``"auto"`` (fused kernels that return the log-sum-exp where available, else chunked
             matmul), ``"fused"`` or ``"chunked"``.
         inference_chunk_size: tokens per chunk of the token-wise parts of a layer at inference (eval, no
@@ -87,6 +92,7 @@ class SlideEncoderConfig(PretrainedConfig):
     layer_norm_eps: float = 1e-5
     head_norm_eps: float = 1e-6
     pooling: str = "cls"
+    embedding_layer: str = "final"
     attention_backend: str = "auto"
     inference_chunk_size: int = 1024
     initializer_range: float = 0.02
@@ -98,6 +104,7 @@ class SlideEncoderConfig(PretrainedConfig):
         if self.segment_length is None:
             self.segment_length = gigapath_segment_length(self.max_wsi_size, self.tile_size, len(self.dilated_ratio))
         self.segment_length = [int(s) for s in self.segment_length]
+        self.embedding_layer = str(self.embedding_layer)
         super().__post_init__(**kwargs)
         self._check()
 
@@ -123,6 +130,13 @@ class SlideEncoderConfig(PretrainedConfig):
             raise ValueError(
                 f"pooling={self.pooling!r} is not one of {POOLING_MODES}: 'cls' is upstream "
                 "global_pool=False, 'mean' is global_pool=True."
+            )
+        if self.embedding_layer != "final" and not (
+            self.embedding_layer.isdigit() and 0 <= int(self.embedding_layer) <= self.num_hidden_layers
+        ):
+            raise ValueError(
+                f"embedding_layer={self.embedding_layer!r} is not 'final' or a layer index 0..{self.num_hidden_layers} "
+                "(0 = input embedding, i = output of layer i; upstream fine-tuning and TRIDENT use '11')."
             )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}.")

@@ -39,7 +39,8 @@ class SlideEncoderOutput(BaseModelOutputWithPooling):
         last_hidden_state: ``[B, N+1, D]`` tokens after the final encoder LayerNorm (upstream ``encoder_out``),
             CLS at index 0, tile ``n`` at index ``n + 1``. Rows of padded tiles are meaningless.
         pooler_output: ``[B, D]`` head ``norm`` of the CLS token (``pooling="cls"``, upstream default call) or of
-            the mean over real tiles (``pooling="mean"``, upstream ``global_pool=True``).
+            the mean over real tiles (``pooling="mean"``, upstream ``global_pool=True``) of the state chosen by
+            ``config.embedding_layer`` (``"final"``: ``last_hidden_state``; ``"i"``: ``hidden_states[i]``).
         hidden_states: ``num_hidden_layers + 1`` tensors ``[B, N+1, D]``: the embedded input and the raw output of
             every layer, **without** the final LayerNorm (upstream ``encoder_states``). Only when requested.
         attentions: unused (dilated attention has no dense map; see ``cls_attention``).
@@ -193,8 +194,9 @@ class SlideEncoderPreTrainedModel(PreTrainedModel):
 class SlideEncoderModel(SlideEncoderPreTrainedModel):
     """Prov-GigaPath slide encoder: ``(tile_features, tile_coords, tile_mask)`` → token states and a slide embedding.
 
-    Which output to use: ``pooler_output`` with ``pooling="mean"`` for the released weights (their CLS token was
-    never trained); ``pooling="cls"`` to reproduce the upstream default call; :meth:`all_layer_embeddings` for the
+    Which output to use: ``pooler_output`` with ``pooling="mean"`` and ``embedding_layer="11"`` for the released
+    weights (what TRIDENT and upstream fine-tuning use; their CLS token was never trained); ``pooling="cls"``,
+    ``embedding_layer="final"`` to reproduce the upstream default call; :meth:`all_layer_embeddings` for the
     upstream ``all_layer_embed=True`` list (``gigapath.pipeline``, fine-tuning); ``last_hidden_state`` for
     token-level use (WSI-LLaVA).
     """
@@ -277,6 +279,19 @@ class SlideEncoderModel(SlideEncoderPreTrainedModel):
                 f"frame: rescale the coordinates (e.g. divide level-0 pixels by the level downsample) or load the "
                 f"model with tile_size=<tile stride in coordinate units>."
             )
+        shared = _shared_cells(grid, mask, cfg.slide_ngrids)  # [B]
+        real = mask.sum(dim=1)  # [B]
+        collapsed = shared > MAX_SHARED_CELL_FRACTION * real
+        if bool(collapsed.any()):
+            b = int(collapsed.nonzero()[0])
+            raise SlideInputError(
+                f"slide {b}: {int(shared[b])} of {int(real[b])} tiles share a grid cell with another tile (grid cell = "
+                f"floor(tile_coords / tile_size={cfg.tile_size})): the coordinates are not level-0 pixels of "
+                f"{cfg.tile_size}-px tiles (normalised, at a coarser level, or from overlapping tiles), so the "
+                "encoder would see a few positions and every slide embedding would look alike. Pass level-0 "
+                "pixel coordinates in the frame of tile_size: floor(coords / patch_size_level0) * tile_size, which "
+                "WSIProcessor does for you from each file's patch_size_level0."
+            )
         return grid, mask
 
     # ----------------------------------------------------------------------------------------------------------
@@ -343,6 +358,8 @@ class SlideEncoderModel(SlideEncoderPreTrainedModel):
         workspace = {} if not (self.training or needs_grad) else None
         keep = (lambda t: t.clone()) if workspace is not None else (lambda t: t)
         states = [keep(hidden)] if output_hidden_states else None
+        pooled_layer = None if cfg.embedding_layer == "final" else int(cfg.embedding_layer)
+        selected = keep(hidden) if pooled_layer == 0 else None  # the state `pooler_output` pools, if not final
         cls_attention = keys = None
         for i, layer in enumerate(self.layers):
             want_cls = output_cls_attention and i == len(self.layers) - 1
@@ -353,14 +370,17 @@ class SlideEncoderModel(SlideEncoderPreTrainedModel):
                 cls_attention, keys = layer_cls, layer_keys
             if states is not None:
                 states.append(keep(hidden))
+            if pooled_layer == i + 1:
+                selected = states[-1] if states is not None else keep(hidden)
         last = self.layer_norm(hidden)  # [B, L, D]
 
         if order is not None:
             last = _unsort(last, order, dim=1)
             states = [_unsort(s, order, dim=1) for s in states] if states is not None else None
+            selected = _unsort(selected, order, dim=1) if selected is not None else None
             if cls_attention is not None:
                 cls_attention, keys = _unsort(cls_attention, order, dim=2), _unsort(keys, order, dim=1)
-        pooled = self.pool(last, mask)
+        pooled = self.pool(last if selected is None else selected, mask)  # [B, D]
         if cls_attention is not None:
             cls_attention = cls_attention[:, :, 1:].masked_fill(~mask.unsqueeze(1), 0.0)  # [B, H, N]
             keys = keys[:, 1:]  # [B, N, D]
@@ -408,6 +428,20 @@ class SlideEncoderModel(SlideEncoderPreTrainedModel):
         return self.forward(
             tile_features, tile_coords, tile_mask, output_cls_attention=True, return_dict=True
         ).cls_attention
+
+
+# Same rule as the data path (processing.coordinates): above this fraction of a slide's tiles in an already taken
+# grid cell, the coordinates are in the wrong frame.
+MAX_SHARED_CELL_FRACTION = 0.1
+
+
+def _shared_cells(grid: Tensor, mask: Tensor, ngrids: int) -> Tensor:
+    """``[B]`` number of real tiles whose grid cell is already taken by another tile of the same slide."""
+    keys = grid[..., 0] * ngrids + grid[..., 1]  # [B, N]
+    padding = -1 - torch.arange(keys.shape[1], device=keys.device)  # distinct negatives never collide
+    keys = torch.where(mask, keys, padding.unsqueeze(0))
+    ordered = keys.sort(dim=1).values
+    return (ordered[:, 1:] == ordered[:, :-1]).sum(dim=1)
 
 
 def _unsort(x: Tensor, order: Tensor, dim: int) -> Tensor:

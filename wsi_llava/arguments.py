@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from wsi_clip.arguments import PATCH_SIZE_HELP
+
 # Llama / Qwen2 / Mistral / Gemma / Phi-3-style projection names, only under the language model.
 DEFAULT_LORA_TARGETS = (
     r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
@@ -126,6 +128,7 @@ class DataArguments:
     )
     max_tiles: int | None = field(default=4096, metadata={"help": "Tile cap per slide (SlideChat: 10,240)."})
     tile_sampling: str = field(default="random", metadata={"help": "random (training), uniform or all."})
+    patch_size_level0: int | None = field(default=None, metadata={"help": PATCH_SIZE_HELP})
     max_length: int | None = field(
         default=None, metadata={"help": "Text token limit per example (the visual tokens come on top)."}
     )
@@ -215,6 +218,7 @@ class EvaluationArguments:
         default=None, metadata={"help": "JSON / YAML mapping of the selector's options."}
     )
     max_tiles: int | None = field(default=None, metadata={"help": "Tile cap per slide (default: the processor's)."})
+    patch_size_level0: int | None = field(default=None, metadata={"help": PATCH_SIZE_HELP})
     batch_size: int = field(default=8, metadata={"help": "Questions per generate() call."})
     max_new_tokens: int = field(default=256, metadata={"help": "Longest answer / report."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})

@@ -111,6 +111,7 @@ def build_model_and_processor(
         max_tiles=data_args.max_tiles,
         tile_sampling="uniform",
         feature_dim=model.config.vision_config.input_dim,
+        tile_size=getattr(model.config.vision_config, "tile_size", 256),
         slide_token=model_args.slide_token,
         max_length=data_args.max_length,
     )

@@ -21,11 +21,13 @@ def build_generation_inputs(
     *,
     max_tiles: int | None = None,
     tile_sampling: str | None = None,
+    patch_size_level0: int | None = None,
 ) -> BatchFeature:
     """Slides (H5 paths, ``SlideFeatures``, tensors …) + questions (strings or conversations ending with a user turn)
     → ``tile_features``/``tile_coords``/``tile_mask`` and **left-padded** ``input_ids``/``attention_mask``/
     ``question_mask`` (the tokens of each prompt's last question, for prompt-guided token selection).
-    ``slides=None``: text-only prompts without the slide placeholder (the no-slide baseline)."""
+    ``slides=None``: text-only prompts without the slide placeholder (the no-slide baseline); ``patch_size_level0``
+    overrides the slides' tile side (``WSIProcessor.load_slide``)."""
     if slides is not None and len(slides) != len(questions):
         raise ValueError(f"got {len(slides)} slides but {len(questions)} questions; pass one question per slide.")
     tokenizer = processor.tokenizer
@@ -34,7 +36,12 @@ def build_generation_inputs(
         raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
     data: dict[str, torch.Tensor] = {}
     if slides is not None:
-        loaded = [processor.load_slide(s, max_tiles=max_tiles, tile_sampling=tile_sampling) for s in slides]
+        loaded = [
+            processor.load_slide(
+                s, max_tiles=max_tiles, tile_sampling=tile_sampling, patch_size_level0=patch_size_level0
+            )
+            for s in slides
+        ]
         data.update(processor.pad_slides(loaded))
     prompts = [processor.build_generation_example(q, with_slide=slides is not None) for q in questions]
     length = max(len(p["input_ids"]) for p in prompts)
@@ -60,6 +67,7 @@ def generate_answers(
     batch_size: int = 8,
     max_tiles: int | None = None,
     tile_sampling: str | None = None,
+    patch_size_level0: int | None = None,
     progress: bool = False,
     **generate_kwargs: Any,
 ) -> list[str]:
@@ -88,6 +96,7 @@ def generate_answers(
             questions[start : start + batch_size],
             max_tiles=max_tiles,
             tile_sampling=tile_sampling,
+            patch_size_level0=patch_size_level0,
         ).to(device)
         ids = model.generate(**batch, **generate_kwargs)
         if slides is None:  # a plain LM generate returns prompt + new tokens; keep the new ones, as with slides

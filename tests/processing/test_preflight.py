@@ -49,17 +49,18 @@ def test_all_problems_reported_at_once_and_skip_counts(tmp_path):
         preflight_check(rows[1:3], feature_dim=3, skip_bad_samples=True)
 
 
-def test_grid_check_names_the_tile_and_the_rescale(tmp_path):
+def test_grid_check_names_the_tile_and_the_fix(tmp_path):
     coords = grid_coords(6, columns=3, stride=512) * 2  # 40x-like coordinates: stride 1024 px
     coords[5] = [300_000, 2048]
-    path = write_slide(tmp_path / "big.h5", np.ones((6, 2)), coords)
+    path = write_slide(tmp_path / "big.h5", np.ones((6, 2)), coords, patch_size_level0=256)  # a wrong attribute
     with pytest.raises(SlideFormatError) as err:
         inspect_slide(path, tile_size=256, slide_ngrids=1000)
     msg = str(err.value)
-    assert "outside the position grid 0..999 for tile_size 256" in msg and "(x, y) = (300000, 2048)" in msg
-    assert "grid cell (1171, 8)" in msg and "divide the coordinates by 2" in msg
-    assert "tile stride in this file is 1024 px" in msg
-    assert inspect_slide(path, tile_size=512, slide_ngrids=1000) == 6
+    assert "outside the position grid 0..999 at patch_size_level0 256" in msg and "(x, y) = (300000, 2048)" in msg
+    assert "grid cell (1171, 8)" in msg and "pass patch_size_level0=1024" in msg
+    assert inspect_slide(path, tile_size=256, slide_ngrids=1000, patch_size_level0=1024) == 6
+    unstated = write_slide(tmp_path / "clam.h5", np.ones((6, 2)), coords, layout="clam")  # stride inferred: 1024
+    assert inspect_slide(unstated, tile_size=256, slide_ngrids=1000) == 6
     check_grid(np.array([[0, 0], [255_744, 255_744]]), 256, 1000, "ok")  # cell 999 is inside
 
 

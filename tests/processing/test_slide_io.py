@@ -43,7 +43,9 @@ def test_every_layout_round_trips_sorted_row_major(tmp_path, layout, dtype):
     # row-major by (y, x): y non-decreasing, x increasing within a row
     y, x = slide.coords[:, 1], slide.coords[:, 0]
     assert bool((y[1:] >= y[:-1]).all()) and bool(((y[1:] > y[:-1]) | (x[1:] > x[:-1])).all())
-    assert slide.patch_size_level0 == (None if layout == "clam" else 256)
+    # CLAM feature files state no tile size: it is the coordinates' tile stride
+    assert slide.patch_size_level0 == 256
+    assert slide.patch_size_source == ("inferred" if layout == "clam" else "file")
     assert slide.path == str(path)
 
 
@@ -61,7 +63,7 @@ def test_seed_layout_stores_yx_and_coords_wins_when_both(tmp_path):
 
 def test_clam_coordinate_attributes_give_patch_size(tmp_path):
     feats, coords = _slide(n=6)
-    path = write_slide(tmp_path / "c.h5", feats, coords, layout="clam")
+    path = write_slide(tmp_path / "c.h5", feats, coords * 4, layout="clam")  # level-0 stride of 256-px tiles at level 1
     with h5py.File(path, "a") as f:
         f["coords"].attrs.update({"patch_size": 256, "patch_level": 1, "downsample": np.array([4.0, 4.0])})
     assert read_slide(path).patch_size_level0 == 1024

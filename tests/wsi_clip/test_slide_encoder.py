@@ -51,7 +51,12 @@ def converted(request, tmp_path_factory):
     fx = _fixture(request.param)
     out_dir = tmp_path_factory.mktemp(request.param)
     model = convert_gigapath_checkpoint(
-        fx["state_dict"], out_dir, max_wsi_size=fx["meta"]["max_wsi_size"], slide_ngrids=fx["meta"]["slide_ngrids"]
+        fx["state_dict"],
+        out_dir,
+        max_wsi_size=fx["meta"]["max_wsi_size"],
+        slide_ngrids=fx["meta"]["slide_ngrids"],
+        pooling="cls",
+        embedding_layer="final",
     )
     return fx, model, out_dir
 
@@ -101,7 +106,9 @@ def test_conversion_round_trip_auto_model(tmp_path):
 
     fx = _fixture(PREFIXES[1])
     out_dir = tmp_path / "hf"
-    model = convert_gigapath_checkpoint(fx["state_dict"], out_dir, max_wsi_size=16384, slide_ngrids=128)
+    model = convert_gigapath_checkpoint(
+        fx["state_dict"], out_dir, max_wsi_size=16384, slide_ngrids=128, pooling="cls", embedding_layer="final"
+    )
 
     saved = json.loads((out_dir / "config.json").read_text())
     assert saved["model_type"] == "wsi_slide_encoder"
@@ -135,7 +142,9 @@ def test_remote_code_loads_without_the_package(tmp_path):
     """The saved folder is self-contained: a fresh process that cannot import wsi_clip loads it."""
     fx = _fixture(PREFIXES[0])
     out_dir = tmp_path / "hf"
-    convert_gigapath_checkpoint(fx["state_dict"], out_dir, slide_ngrids=fx["meta"]["slide_ngrids"])
+    convert_gigapath_checkpoint(
+        fx["state_dict"], out_dir, slide_ngrids=fx["meta"]["slide_ngrids"], pooling="cls", embedding_layer="final"
+    )
     code = (
         "import sys; sys.modules['wsi_clip'] = None\n"
         "import torch\nfrom safetensors.torch import load_file\nfrom transformers import AutoModel\n"

@@ -98,6 +98,7 @@ def evaluate(args: EvaluationArguments) -> dict[str, float]:
         text_max_length=args.max_length,
         class_names=prompts.labels if prompts else None,
         label_column=args.label_column,
+        patch_size_level0=args.patch_size_level0,
     )
     encoded = encode_dataset(model, dataset, collator, batch_size=args.batch_size)
 

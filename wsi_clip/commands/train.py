@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         slide_contract(model.config.slide_config),
         check_values=data_args.check_feature_values,
         skip_bad_samples=data_args.skip_bad_samples,
+        patch_size_level0=data_args.patch_size_level0,
     )
     train_dataset = preflight_dataset(
         train_dataset, source=data_args.train_file, require_case_id=require_case_id, **checks
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tile_sampling="uniform",
         feature_dim=feature_dim,
         max_length=data_args.max_length,
+        tile_size=getattr(model.config.slide_config, "tile_size", 256),
     )
     class_prompts = load_class_prompts(data_args.class_prompts) if data_args.class_prompts else None
     class_names = class_prompts.labels if class_prompts is not None else None
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tile_sampling=data_args.tile_sampling,
         text_max_length=data_args.max_length,
         seed=data_seed,
+        patch_size_level0=data_args.patch_size_level0,
     )
     eval_collator = WSIClipCollator(
         processor,
@@ -186,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tile_sampling="uniform",
         text_max_length=data_args.max_length,
         class_names=class_names,
+        patch_size_level0=data_args.patch_size_level0,
     )
 
     trainer = WSIClipTrainer(

@@ -121,6 +121,7 @@ def answer_loss(
         tile_sampling="uniform",
         max_length=args.max_length,
         text_only=text_only,
+        patch_size_level0=args.patch_size_level0,
     )
     total, tokens = 0.0, 0
     with torch.no_grad():
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             [i["history"] for i in items],
             batch_size=args.batch_size,
             max_tiles=args.max_tiles,
+            patch_size_level0=args.patch_size_level0,
             progress=True,
             **gen_kwargs,
         )

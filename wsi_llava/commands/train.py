@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_length=data_args.max_length,
         seed=args.data_seed if args.data_seed is not None else args.seed,
         text_only=data_args.text_only,
+        patch_size_level0=data_args.patch_size_level0,
     )
     # pre-flight: every slide against the tower's input contract and every prompt, before any training step
     checks = dict(
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         check_values=data_args.check_feature_values,
         skip_bad_samples=data_args.skip_bad_samples,
         row_check=collator.example,
+        patch_size_level0=data_args.patch_size_level0,
     )
     train = preflight_dataset(train, source=data_args.train_file, **checks)
     if evaluation is not None:
