@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .coordinates import infer_tile_stride, spatial_order
+from .coordinates import infer_tile_stride, resolve_patch_size, spatial_order
 from .errors import AnnotationError, PromptError, SlideFormatError, WSIDataError
-from .processing_wsi import WSIProcessor
+from .processing_wsi import WSIProcessor, model_frame_coords, pad_slides
 from .slide_io import SOURCE_LAYOUTS, SlideFeatures, read_slide, slide_num_tiles, write_slide
 from .tile_sampling import TILE_SAMPLING_STRATEGIES, sample_tile_indices
 
@@ -20,6 +20,7 @@ __version__ = "0.1.0"  # the one version of the distribution (setup.cfg reads it
 
 _LAZY = {
     "load_annotations": "annotations",
+    "list_slide_files": "annotations",
     "ContrastiveCollator": "collators",
     "InstructionCollator": "collators",
     "stable_id": "collators",
@@ -48,6 +49,9 @@ __all__ = [
     "sample_tile_indices",
     "spatial_order",
     "infer_tile_stride",
+    "resolve_patch_size",
+    "pad_slides",
+    "model_frame_coords",
     "SOURCE_LAYOUTS",
     "TILE_SAMPLING_STRATEGIES",
     "WSIDataError",

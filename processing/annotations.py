@@ -276,6 +276,51 @@ def load_annotations(
     return datasets.Dataset.from_list(rows)
 
 
+def list_slide_files(source: str | Path, h5_root: str | Path | None = None) -> list[dict[str, Any]]:
+    """The slides of a cohort: every ``*.h5`` of a folder (sorted by name), or the distinct ``h5_path`` values of a
+    CSV / JSON / JSONL annotation file (in file order; relative paths resolve against ``h5_root``, else the file's
+    folder). Returns ``[{"slide_id", "h5_path", "patch_size_level0"?}]``; the slide id is the ``slide_id`` column or
+    the file name without ``.h5``, and must be unique (it names the output files)."""
+    source = Path(source).expanduser()
+    if source.is_dir():
+        rows = [{"slide_id": p.stem, "h5_path": str(p.resolve())} for p in sorted(source.glob("*.h5"))]
+        if not rows:
+            raise AnnotationError(f"{source}: no *.h5 slide files in this folder.")
+    elif source.is_file():
+        records, columns = _read_records(source)
+        if "h5_path" not in columns and "image" not in columns:
+            raise AnnotationError(f"{source}: no 'h5_path' column (found {sorted(columns)}).")
+        root = Path(h5_root).expanduser().resolve() if h5_root else None
+        base = root or source.parent.resolve()
+        rows, seen = [], set()
+        for number, record in enumerate(records, 1):
+            record = _to_seed_record(record)
+            if not str(record.get("h5_path") or "").strip():
+                raise AnnotationError(f"{source}: record {number} has no h5_path.")
+            path, refused = _resolve(str(record["h5_path"]), base, root)
+            if refused:
+                raise AnnotationError(f"{source}: record {number}: {refused}.")
+            if str(path) in seen:
+                continue
+            seen.add(str(path))
+            row = {"slide_id": str(record.get("slide_id") or "").strip() or path.stem, "h5_path": str(path)}
+            row["row"] = number
+            if record.get("patch_size_level0") not in (None, ""):
+                row["patch_size_level0"] = record["patch_size_level0"]
+            rows.append(row)
+    else:
+        raise AnnotationError(f"{source}: no such folder or annotation file.")
+    ids: dict[str, str] = {}
+    for row in rows:
+        if row["slide_id"] in ids:
+            raise AnnotationError(
+                f"{source}: slide id {row['slide_id']!r} names two files ({ids[row['slide_id']]} and "
+                f"{row['h5_path']}); give them distinct slide_id values (the output files are named by slide id)."
+            )
+        ids[row["slide_id"]] = row["h5_path"]
+    return rows
+
+
 def row_patch_size(row: dict[str, Any], default: int | None = None) -> int | None:
     """The row's optional ``patch_size_level0`` column (the slide's tile side in level-0 pixels, for files that
     state none or state it wrongly), else ``default``; empty cells (CSV ``""``, NaN) count as absent."""
@@ -294,4 +339,4 @@ def row_patch_size(row: dict[str, Any], default: int | None = None) -> int | Non
     return size
 
 
-__all__ = ["load_annotations", "row_patch_size", "SEED_COLUMNS", "REQUIRED_COLUMNS"]
+__all__ = ["load_annotations", "list_slide_files", "row_patch_size", "SEED_COLUMNS", "REQUIRED_COLUMNS"]

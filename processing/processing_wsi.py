@@ -44,6 +44,37 @@ class PromptPiece:
     questions: tuple[tuple[int, int], ...] = ()
 
 
+def model_frame_coords(slide: SlideFeatures, tile_size: int) -> torch.Tensor:
+    """``[N, 2]`` int64 ``floor(coords / patch_size_level0) * tile_size``: the slide's tile grid in the frame of a
+    model whose ``config.tile_size`` is ``tile_size`` (a slide without a known tile side is taken to be in it)."""
+    patch = slide.patch_size_level0 or tile_size
+    return torch.div(slide.coords, patch, rounding_mode="floor") * tile_size
+
+
+def pad_slides(slides: Sequence[SlideFeatures], tile_size: int = 256) -> dict[str, torch.Tensor]:
+    """Right-pad ragged slides into ``tile_features [B, Nmax, D]`` (float32), ``tile_coords [B, Nmax, 2]`` (int64,
+    in the model's frame: :func:`model_frame_coords`) and ``tile_mask [B, Nmax]`` (True = real tile)."""
+    if not slides:
+        raise ValueError("pad_slides needs at least one slide.")
+    dims = {s.feature_dim for s in slides}
+    if len(dims) > 1:
+        raise SlideFormatError(
+            f"slides in one batch have different feature dimensions {sorted(dims)}: "
+            + ", ".join(f"{s.path or 'in-memory'}: {s.feature_dim}" for s in slides)
+        )
+    n_max = max(s.num_tiles for s in slides)
+    batch, dim = len(slides), dims.pop()
+    features = torch.zeros(batch, n_max, dim, dtype=torch.float32)  # [B, Nmax, D]
+    coords = torch.zeros(batch, n_max, 2, dtype=torch.long)  # [B, Nmax, 2]
+    mask = torch.zeros(batch, n_max, dtype=torch.bool)  # [B, Nmax]
+    for i, s in enumerate(slides):
+        n = s.num_tiles
+        features[i, :n] = s.features
+        coords[i, :n] = model_frame_coords(s, tile_size)
+        mask[i, :n] = True
+    return {"tile_features": features, "tile_coords": coords, "tile_mask": mask}
+
+
 class WSIProcessor(ProcessorMixin):
     """Tokenizer + slide options for WSI-CLIP and WSI-LLaVA.
 
@@ -186,31 +217,12 @@ class WSIProcessor(ProcessorMixin):
     def model_frame_coords(self, slide: SlideFeatures) -> torch.Tensor:
         """``[N, 2]`` int64 ``floor(coords / patch_size_level0) * tile_size``: the slide's grid in the frame of the
         model's ``tile_size``."""
-        patch = slide.patch_size_level0 or self.tile_size
-        return torch.div(slide.coords, patch, rounding_mode="floor") * self.tile_size
+        return model_frame_coords(slide, self.tile_size)
 
     def pad_slides(self, slides: Sequence[SlideFeatures]) -> dict[str, torch.Tensor]:
         """Right-pad ragged slides into ``tile_features [B, Nmax, D]``, ``tile_coords`` (in the model's frame:
         :meth:`model_frame_coords`), ``tile_mask``."""
-        if not slides:
-            raise ValueError("pad_slides needs at least one slide.")
-        dims = {s.feature_dim for s in slides}
-        if len(dims) > 1:
-            raise SlideFormatError(
-                f"slides in one batch have different feature dimensions {sorted(dims)}: "
-                + ", ".join(f"{s.path or 'in-memory'}: {s.feature_dim}" for s in slides)
-            )
-        n_max = max(s.num_tiles for s in slides)
-        batch, dim = len(slides), dims.pop()
-        features = torch.zeros(batch, n_max, dim, dtype=torch.float32)  # [B, Nmax, D]
-        coords = torch.zeros(batch, n_max, 2, dtype=torch.long)  # [B, Nmax, 2]
-        mask = torch.zeros(batch, n_max, dtype=torch.bool)  # [B, Nmax]
-        for i, s in enumerate(slides):
-            n = s.num_tiles
-            features[i, :n] = s.features
-            coords[i, :n] = self.model_frame_coords(s)
-            mask[i, :n] = True
-        return {"tile_features": features, "tile_coords": coords, "tile_mask": mask}
+        return pad_slides(slides, self.tile_size)
 
     # ------------------------------------------------------------------------------------------------- text
     def _require_tokenizer(self):
@@ -522,4 +534,4 @@ class WSIProcessor(ProcessorMixin):
         return ["tile_features", "tile_coords", "tile_mask", "input_ids", "attention_mask"]
 
 
-__all__ = ["WSIProcessor", "PromptPiece"]
+__all__ = ["WSIProcessor", "PromptPiece", "pad_slides", "model_frame_coords"]

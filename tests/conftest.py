@@ -76,9 +76,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_command(worker: str, *args: object) -> list[str]:
-    """``python -m torch.distributed.run`` with 2 CPU processes on a free port, running ``tests/dist/<worker>``;
-    the workers take the repository root as their last argument where they need it."""
+def torchrun_command(worker: str | Path, *args: object) -> list[str]:
+    """``python -m torch.distributed.run`` with 2 CPU processes on a free port, running ``tests/dist/<worker>`` (or
+    ``worker`` itself when it is an absolute path); the workers take the repository root as their last argument
+    where they need it."""
     return [
         sys.executable,
         "-m",
@@ -87,7 +88,7 @@ def torchrun_command(worker: str, *args: object) -> list[str]:
         "2",
         "--master_port",
         str(free_port()),
-        str(REPO_ROOT / "tests" / "dist" / worker),
+        str(worker if Path(worker).is_absolute() else REPO_ROOT / "tests" / "dist" / worker),
         *map(str, args),
     ]
 

@@ -231,6 +231,59 @@ class ConvertArguments:
 
 
 @dataclass
+class EmbedArguments:
+    """A cohort of tile-feature H5 files → one slide embedding per slide (TRIDENT layout + one safetensors file)."""
+
+    model_name_or_path: str = field(
+        metadata={
+            "help": "Converted slide encoder (wsi-convert-gigapath), ABMIL / mean tower or WSI-CLIP checkpoint: a "
+            "folder or Hub id."
+        }
+    )
+    slides: str = field(
+        metadata={"help": "Folder of *.h5 tile-feature files, or a CSV/JSON/JSONL annotation file with h5_path."}
+    )
+    output_dir: str = field(
+        metadata={"help": "Writes <output_dir>/slide_features_<name>/<slide_id>.h5 + embeddings.safetensors."}
+    )
+    h5_root: str | None = field(default=None, metadata={"help": "Folder that relative h5_path values resolve against."})
+    name: str | None = field(
+        default=None, metadata={"help": "The <name> of slide_features_<name> (default: the checkpoint folder's name)."}
+    )
+    embedding_layer: str | None = field(
+        default=None,
+        metadata={
+            "help": "LongNet encoders: 'final' or a layer index 0..depth (all_layer_embed). Default: the "
+            "checkpoint's config (converted Prov-GigaPath: '11', as TRIDENT and upstream fine-tuning)."
+        },
+    )
+    pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "LongNet encoders: 'mean' or 'cls' (default: the checkpoint's config).",
+            "choices": ["cls", "mean"],
+        },
+    )
+    projected: bool = field(
+        default=False,
+        metadata={"help": "WSI-CLIP checkpoints: the projected slide embedding (the zero-shot / retrieval space)."},
+    )
+    max_tiles: int | None = field(
+        default=None, metadata={"help": "Tiles per slide (uniform, deterministic subset); default / 0: all tiles."}
+    )
+    patch_size_level0: int | None = field(default=None, metadata={"help": PATCH_SIZE_HELP})
+    batch_size: int = field(default=8, metadata={"help": "Slides per forward pass (ragged, sorted by size)."})
+    max_batch_tiles: int = field(
+        default=65536, metadata={"help": "Padded tiles per forward pass (slides x largest slide); bounds memory."}
+    )
+    dtype: str = field(default="fp32", metadata={"help": "Model dtype.", "choices": ["fp32", "bf16", "fp16"]})
+    device: str | None = field(default=None, metadata={"help": "cuda / cpu / ... (default: cuda when available)."})
+    skip_bad_samples: bool = field(
+        default=False, metadata={"help": "Report unreadable / invalid slides and embed the rest (default: stop)."}
+    )
+
+
+@dataclass
 class PushArguments:
     """A checkpoint folder of any kind (WSI-CLIP, slide encoder, WSI-LLaVA) → the Hugging Face Hub."""
 
@@ -250,4 +303,11 @@ class PushArguments:
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)"})
 
 
-__all__ = ["ModelArguments", "DataArguments", "EvaluationArguments", "ConvertArguments", "PushArguments"]
+__all__ = [
+    "ModelArguments",
+    "DataArguments",
+    "EvaluationArguments",
+    "ConvertArguments",
+    "EmbedArguments",
+    "PushArguments",
+]

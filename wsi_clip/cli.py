@@ -178,6 +178,25 @@ def exit_status(result: Any) -> int:
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
+def init_distributed(device: str | None) -> tuple[str, bool]:
+    """Join the process group when launched by torchrun / accelerate (``WORLD_SIZE`` > 1); returns the device of
+    this rank and whether it is the main process."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device or ("cuda" if torch.cuda.is_available() else "cpu"), True
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return (f"cuda:{local_rank}" if use_cuda else "cpu"), dist.get_rank() == 0
+
+
 __all__ = [
     "parse_args_with_config",
     "parse_command_line",
@@ -186,4 +205,5 @@ __all__ = [
     "RENAMED_OPTIONS",
     "setup_logging",
     "exit_status",
+    "init_distributed",
 ]

@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 
 from ..arguments import EvaluationArguments
-from ..cli import exit_status, parse_command_line, setup_logging
+from ..cli import exit_status, init_distributed, parse_command_line, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -47,25 +47,6 @@ def load_model_and_processor(path: str, device: str):
     if not hasattr(processor, "pad_slides"):
         processor = WSIProcessor(getattr(processor, "tokenizer", processor), tile_sampling="uniform")
     return model, processor
-
-
-def init_distributed(device: str | None) -> tuple[str, bool]:
-    """Join the process group when launched by torchrun / accelerate (``WORLD_SIZE`` > 1); returns the device of
-    this rank and whether it is the main process."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device or ("cuda" if torch.cuda.is_available() else "cpu"), True
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return (f"cuda:{local_rank}" if use_cuda else "cpu"), dist.get_rank() == 0
 
 
 def evaluate(args: EvaluationArguments) -> dict[str, float]:
