@@ -272,7 +272,13 @@ class EmbedArguments:
         default=None, metadata={"help": "Tiles per slide (uniform, deterministic subset); default / 0: all tiles."}
     )
     patch_size_level0: int | None = field(default=None, metadata={"help": PATCH_SIZE_HELP})
-    batch_size: int = field(default=8, metadata={"help": "Slides per forward pass (ragged, sorted by size)."})
+    batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Slides per forward pass (ragged, sorted by size). Default: 8 on CUDA; 1 on CPU, where the encoder "
+            "is compute-bound and batching only adds padding (scripts/benchmark.py embed)."
+        },
+    )
     max_batch_tiles: int = field(
         default=65536, metadata={"help": "Padded tiles per forward pass (slides x largest slide); bounds memory."}
     )

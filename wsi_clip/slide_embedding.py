@@ -40,6 +40,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COHORT_FILE = "embeddings.safetensors"
 INDEX_FILE = "index.csv"
 REPORT_FILE = "embedding_report.json"
+# A slide joins a batch only with at least this fraction of the batch's largest slide's tiles: the linear layers
+# run on padded rows too, so a batch of very different sizes costs more than its slides one by one.
+MIN_BATCH_FILL = 0.75
 # the attributes a per-slide file must share with this run to count as done (anything else is another run's)
 _SETTINGS = ("model", "embedding_layer", "pooling", "projected", "max_tiles")
 
@@ -215,13 +218,21 @@ def write_slide_embedding(path: Path, embedding: Tensor, attrs: dict[str, Any]) 
     _publish(tmp, path)
 
 
-def batches_by_size(sizes: Sequence[int], batch_size: int, max_batch_tiles: int) -> list[list[int]]:
+def batches_by_size(
+    sizes: Sequence[int], batch_size: int, max_batch_tiles: int, min_fill: float = MIN_BATCH_FILL
+) -> list[list[int]]:
     """Indices into ``sizes`` (already sorted largest first) grouped into batches of at most ``batch_size`` slides
-    whose padded size (slides × largest slide) stays within ``max_batch_tiles`` (a bigger slide goes alone)."""
+    whose padded size (slides × largest slide) stays within ``max_batch_tiles`` (a bigger slide goes alone) and whose
+    slides each have at least ``min_fill`` × the largest one's tiles (padding is computed like real tiles)."""
     batches: list[list[int]] = []
-    for i in range(len(sizes)):
+    for i, size in enumerate(sizes):
         current = batches[-1] if batches else None
-        if current and len(current) < batch_size and (len(current) + 1) * sizes[current[0]] <= max_batch_tiles:
+        if (
+            current
+            and len(current) < batch_size
+            and (len(current) + 1) * sizes[current[0]] <= max_batch_tiles
+            and size >= min_fill * sizes[current[0]]
+        ):
             current.append(i)
         else:
             batches.append([i])

@@ -97,6 +97,7 @@ def test_every_command_has_a_console_script():
         "wsi-train-clip",
         "wsi-evaluate-clip",
         "wsi-convert-gigapath",
+        "wsi-embed-slides",
         "wsi-push-to-hub",
         "wsi-train-llava",
         "wsi-evaluate-llava",

@@ -23,7 +23,7 @@ from conftest import REPO_ROOT, torchrun_command
 from wsiclip_helpers import FEATURE_DIM, tiny_clip_config
 
 SCRIPT = REPO_ROOT / "scripts" / "embed_slides.py"
-SIZES = (70, 420, 150, 900, 33, 260)  # mixed sizes: batches are ragged
+SIZES = (400, 420, 350, 900, 330, 860)  # batches of 4 by size: [900, 860], [420, 400, 350, 330] (ragged)
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +123,9 @@ def test_output_is_tridents_layout_and_equals_one_slide_calls(cohort, tmp_path):
 
 
 def test_batches_are_sorted_ragged_and_bounded():
-    assert batches_by_size([900, 420, 260, 150, 70, 33], 4, 65536) == [[0, 1, 2, 3], [4, 5]]
-    assert batches_by_size([900, 420, 260, 150], 4, 1000) == [[0], [1, 2], [3]]  # 2 x 420 padded fits, 3 x 420 not
+    assert batches_by_size([900, 420, 260, 150, 70, 33], 4, 65536, min_fill=0.0) == [[0, 1, 2, 3], [4, 5]]
+    assert batches_by_size([900, 420, 400, 390], 4, 1000, min_fill=0.0) == [[0], [1, 2], [3]]  # 3 x 420 > 1000
+    assert batches_by_size([900, 800, 500, 400, 390], 8, 65536) == [[0, 1], [2, 3, 4]]  # >= 0.75 x the largest
 
 
 def test_resume_after_a_kill_leaves_no_truncated_file(cohort, tmp_path):

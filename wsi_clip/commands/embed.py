@@ -65,7 +65,7 @@ def embed(args: EmbedArguments) -> dict:
         model,
         args.output_dir,
         max_tiles=args.max_tiles or None,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or (8 if str(device).startswith("cuda") else 1),
         max_batch_tiles=args.max_batch_tiles,
         patch_size_level0=args.patch_size_level0,
         skip_bad_samples=args.skip_bad_samples,
