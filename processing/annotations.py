@@ -279,8 +279,9 @@ def load_annotations(
 def list_slide_files(source: str | Path, h5_root: str | Path | None = None) -> list[dict[str, Any]]:
     """The slides of a cohort: every ``*.h5`` of a folder (sorted by name), or the distinct ``h5_path`` values of a
     CSV / JSON / JSONL annotation file (in file order; relative paths resolve against ``h5_root``, else the file's
-    folder). Returns ``[{"slide_id", "h5_path", "patch_size_level0"?}]``; the slide id is the ``slide_id`` column or
-    the file name without ``.h5``, and must be unique (it names the output files)."""
+    folder). Returns ``[{"slide_id", "h5_path", "row", ...}]`` (an annotation file's other columns too: ``case_id``,
+    ``label``, ``patch_size_level0`` …); the slide id is the ``slide_id`` column or the file name without ``.h5``, and
+    must be unique (it names the output files). Rows of one file after the first are dropped."""
     source = Path(source).expanduser()
     if source.is_dir():
         rows = [{"slide_id": p.stem, "h5_path": str(p.resolve())} for p in sorted(source.glob("*.h5"))]
@@ -303,10 +304,9 @@ def list_slide_files(source: str | Path, h5_root: str | Path | None = None) -> l
             if str(path) in seen:
                 continue
             seen.add(str(path))
-            row = {"slide_id": str(record.get("slide_id") or "").strip() or path.stem, "h5_path": str(path)}
+            extra = {k: v for k, v in record.items() if isinstance(v, (str, int, float)) and v != ""}
+            row = {**extra, "slide_id": str(record.get("slide_id") or "").strip() or path.stem, "h5_path": str(path)}
             row["row"] = number
-            if record.get("patch_size_level0") not in (None, ""):
-                row["patch_size_level0"] = record["patch_size_level0"]
             rows.append(row)
     else:
         raise AnnotationError(f"{source}: no such folder or annotation file.")

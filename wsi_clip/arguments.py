@@ -290,6 +290,49 @@ class EmbedArguments:
 
 
 @dataclass
+class ProbeOptions:
+    """Linear probe, k-NN and few-shot on slide embeddings (folds split by case), beside zero-shot."""
+
+    probes: bool = field(
+        default=False,
+        metadata={"help": "wsi-evaluate-clip: also run the probes on the slide embeddings (needs --label_column)."},
+    )
+    probe_folds: int = field(default=5, metadata={"help": "Folds (stratified, each case on one side)."})
+    probe_seed: int = field(default=0, metadata={"help": "Seed of the folds and the few-shot draws."})
+    probe_c: float = field(default=1.0, metadata={"help": "Inverse L2 strength of the logistic regression."})
+    knn_k: int = field(default=20, metadata={"help": "Neighbours of the k-NN probe (cosine)."})
+    few_shot: list[int] = field(
+        default_factory=lambda: [1, 4, 16], metadata={"help": "Training cases per class of the few-shot probes."}
+    )
+    few_shot_episodes: int = field(default=5, metadata={"help": "Few-shot draws per fold."})
+    reference: bool = field(
+        default=True,
+        metadata={"help": "Also probe the mean of each slide's tile features: the baseline a slide model must beat."},
+    )
+
+
+@dataclass
+class ProbeArguments:
+    """Probes on the embeddings ``wsi-embed-slides`` wrote, against a labelled annotation file."""
+
+    embeddings: str = field(
+        metadata={"help": "slide_features_<name> folder (or its embeddings.safetensors) written by wsi-embed-slides."}
+    )
+    test_file: str = field(
+        metadata={"help": "Annotation file (CSV/JSON/JSONL) with h5_path or slide_id, the label and case_id."}
+    )
+    label_column: str = field(default="label", metadata={"help": "Column holding each slide's class label."})
+    h5_root: str | None = field(default=None, metadata={"help": "Folder that relative h5_path values resolve against."})
+    test_split: str | None = field(default=None, metadata={"help": "Keep only rows whose 'split' equals this."})
+    max_tiles: int | None = field(
+        default=None, metadata={"help": "Tiles per slide for the mean-of-tiles reference (uniform); default: all."}
+    )
+    output: str | None = field(
+        default=None, metadata={"help": "JSON file for the metrics (default: <embeddings folder>/probes.json)."}
+    )
+
+
+@dataclass
 class PushArguments:
     """A checkpoint folder of any kind (WSI-CLIP, slide encoder, WSI-LLaVA) → the Hugging Face Hub."""
 
@@ -315,5 +358,7 @@ __all__ = [
     "EvaluationArguments",
     "ConvertArguments",
     "EmbedArguments",
+    "ProbeOptions",
+    "ProbeArguments",
     "PushArguments",
 ]

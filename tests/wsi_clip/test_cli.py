@@ -98,6 +98,7 @@ def test_every_command_has_a_console_script():
         "wsi-evaluate-clip",
         "wsi-convert-gigapath",
         "wsi-embed-slides",
+        "wsi-probe-embeddings",
         "wsi-push-to-hub",
         "wsi-train-llava",
         "wsi-evaluate-llava",

@@ -232,6 +232,33 @@ def test_train_script_two_processes_equal_one_process_then_evaluate(tmp_path):
     ):
         assert key in metrics
 
+    # the probes beside zero-shot (on every row: the test split has one case per class)
+    _run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "evaluate_clip.py"),
+            "--model_name_or_path",
+            str(one),
+            "--test_file",
+            str(info["annotations"]),
+            "--probes",
+            "true",
+            "--probe_folds",
+            "2",
+            "--few_shot",
+            "1",
+            "--few_shot_episodes",
+            "1",
+            "--output",
+            str(tmp_path / "probes.json"),
+        ],
+        cwd=tmp_path,
+    )
+    saved = json.loads((tmp_path / "probes.json").read_text())
+    assert "probe_linear_probe_balanced_accuracy" in saved["metrics"] and "probe_knn_macro_auroc" in saved["metrics"]
+    assert set(saved["probes"]) == {str(one), "mean of tile features (reference)"}
+    assert "few_shot_1_balanced_accuracy_ci_low" in saved["probes"][str(one)]
+
 
 @pytest.mark.integration
 def test_minilm_text_tower_from_pypi_package(tmp_path):

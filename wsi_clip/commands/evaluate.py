@@ -7,7 +7,10 @@ retrieval.
 * zero-shot (with ``--class_prompts`` and a ``label`` column): class names × prompt templates, embeddings averaged per
   class (TITAN / CONCH style); balanced accuracy, weighted F1, macro one-vs-rest AUROC (and plain accuracy);
 * retrieval: slide→text and text→slide Recall@1/5/10 and mAP; the slides of one case share their report, so every
-  one of them is a correct answer, and identical texts are ranked once.
+  one of them is a correct answer, and identical texts are ranked once;
+* with ``--probes true``: linear probe, k-NN and few-shot (1 / 4 / 16 cases per class) on the slide embeddings, folds
+  split by case, mean and 95 % CI over folds, beside the same probes on the mean of the tile features (the reference
+  a slide model must beat; :mod:`wsi_clip.probes`).
 
 Prints a table and writes the metrics as JSON (``--output``; default
 ``<model_name_or_path>/eval_<test_file stem>[_<test_split>].json``).
@@ -24,7 +27,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..arguments import EvaluationArguments
+from ..arguments import EvaluationArguments, ProbeOptions
 from ..cli import exit_status, init_distributed, parse_command_line, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -49,7 +52,7 @@ def load_model_and_processor(path: str, device: str):
     return model, processor
 
 
-def evaluate(args: EvaluationArguments) -> dict[str, float]:
+def evaluate(args: EvaluationArguments, options: ProbeOptions | None = None) -> dict[str, float]:
     """The metrics of ``args.model_name_or_path`` on ``args.test_file``; the main process prints the table and
     writes the JSON."""
     from processing import load_annotations
@@ -106,6 +109,16 @@ def evaluate(args: EvaluationArguments) -> dict[str, float]:
         unknown = int((encoded["class_labels"] < 0).sum())
         if unknown:
             metrics["zero_shot_unlabelled_slides"] = float(unknown)
+    probe_tables = {}
+    if options is not None and options.probes and is_main:
+        probe_tables = run_slide_probes(args, options, dataset, encoded["slide_embeds"])
+        metrics.update(
+            {
+                f"probe_{k}": v
+                for k, v in probe_tables[args.model_name_or_path].items()
+                if not k.endswith(("_ci_low", "_ci_high")) and not k.startswith("num_")
+            }
+        )
 
     if not is_main:
         return metrics
@@ -113,6 +126,10 @@ def evaluate(args: EvaluationArguments) -> dict[str, float]:
         f" [{args.test_split}]" if args.test_split else ""
     )
     print(format_table(metrics, title))
+    if probe_tables:
+        from wsi_clip.probes import format_probe_table
+
+        print(format_probe_table(probe_tables, options.few_shot))
     stem = Path(args.test_file).stem + (f"_{args.test_split}" if args.test_split else "")
     output = Path(args.output) if args.output else Path(args.model_name_or_path) / f"eval_{stem}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +142,7 @@ def evaluate(args: EvaluationArguments) -> dict[str, float]:
                 "split": args.test_split,
                 "classes": args.class_prompts,
                 "metrics": metrics,
+                **({"probes": probe_tables} if probe_tables else {}),
             },
             indent=1,
         )
@@ -135,11 +153,28 @@ def evaluate(args: EvaluationArguments) -> dict[str, float]:
     return metrics
 
 
+def run_slide_probes(args: EvaluationArguments, options: ProbeOptions, dataset, slide_embeds) -> dict:
+    """Linear probe, k-NN and few-shot on the checkpoint's slide embeddings and on the mean of the tile features."""
+    from wsi_clip.commands.probe import encode_labels, probe_settings
+    from wsi_clip.probes import mean_tile_features, run_probes
+
+    if args.label_column not in dataset.column_names:
+        raise ValueError(f"{args.test_file}: --probes needs a '{args.label_column}' column (or pass --label_column).")
+    labels, _ = encode_labels(list(dataset[args.label_column]), args.test_file, args.label_column)
+    cases = [str(c) for c in dataset["case_id"]]
+    settings = probe_settings(options)
+    tables = {args.model_name_or_path: run_probes(slide_embeds, labels, cases, settings)}
+    if options.reference:
+        reference = mean_tile_features(list(dataset["h5_path"]))
+        tables["mean of tile features (reference)"] = run_probes(reference, labels, cases, settings)
+    return tables
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    (args,) = parse_command_line(EvaluationArguments, argv, COMMAND)
+    args, options = parse_command_line((EvaluationArguments, ProbeOptions), argv, COMMAND)
     setup_logging()
     try:
-        return evaluate(args)
+        return evaluate(args, options)
     finally:
         import torch.distributed as dist
 
