@@ -214,14 +214,8 @@ class WSIProcessor(ProcessorMixin):
             features, xy = features[order], xy[order]
         return SlideFeatures(features, xy, patch, path, "memory", patch_origin)
 
-    def model_frame_coords(self, slide: SlideFeatures) -> torch.Tensor:
-        """``[N, 2]`` int64 ``floor(coords / patch_size_level0) * tile_size``: the slide's grid in the frame of the
-        model's ``tile_size``."""
-        return model_frame_coords(slide, self.tile_size)
-
     def pad_slides(self, slides: Sequence[SlideFeatures]) -> dict[str, torch.Tensor]:
-        """Right-pad ragged slides into ``tile_features [B, Nmax, D]``, ``tile_coords`` (in the model's frame:
-        :meth:`model_frame_coords`), ``tile_mask``."""
+        """:func:`pad_slides` with this processor's ``tile_size`` (``tile_coords`` in the model's frame)."""
         return pad_slides(slides, self.tile_size)
 
     # ------------------------------------------------------------------------------------------------- text

@@ -16,6 +16,7 @@ Results also go to ``--json_out``.
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -100,16 +101,17 @@ def check_parity(args: Args, device: str) -> list[dict]:
         meta = json.loads((folder / f"{prefix}.meta.json").read_text())["config"]
         inputs = load_file(str(folder / f"{prefix}.inputs.safetensors"))
         ref = load_file(str(folder / f"{prefix}.outputs.safetensors"))
+        converted = convert_gigapath_checkpoint(
+            folder / f"{prefix}.state_dict.safetensors",
+            max_wsi_size=meta["max_wsi_size"],
+            slide_ngrids=meta["slide_ngrids"],
+            pooling="cls",
+            embedding_layer="final",
+        )
         for kernel, patch in _attention_kernels(device).items():
             for name in args.dtypes:
                 dtype = DTYPES[name]
-                model = convert_gigapath_checkpoint(
-                    folder / f"{prefix}.state_dict.safetensors",
-                    max_wsi_size=meta["max_wsi_size"],
-                    slide_ngrids=meta["slide_ngrids"],
-                    pooling="cls",
-                    embedding_layer="final",
-                )
+                model = copy.deepcopy(converted)
                 model.config.attention_backend = "chunked" if kernel == "chunked" else "fused"
                 for layer in model.layers:
                     layer.self_attn.backend = model.config.attention_backend
