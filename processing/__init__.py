@@ -30,6 +30,7 @@ _LAZY = {
     "preflight_dataset": "preflight",
     "slide_contract": "preflight",
     "common_feature_dim": "preflight",
+    "tile_feature_statistics": "feature_statistics",
 }
 
 

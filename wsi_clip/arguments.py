@@ -76,6 +76,14 @@ class ModelArguments:
     text_to_slide_loss: str = field(default="soft", metadata={"help": "'soft' (soft-target CE) or 'mil_nce'."})
     freeze_slide_encoder: bool = field(default=False, metadata={"help": "Train without updating the slide tower."})
     freeze_text_model: bool = field(default=False, metadata={"help": "Train without updating the text encoder."})
+    normalize_tile_features: bool = field(
+        default=False,
+        metadata={
+            "help": "New slide towers only: standardise each tile-feature dimension with the training slides' mean "
+            "and std (stored in the checkpoint). Removes the shared offset of foundation-model features that stalls "
+            "training from scratch. Pretrained towers keep their own setting."
+        },
+    )
 
 
 @dataclass

@@ -67,6 +67,10 @@ class SlideEncoderConfig(PretrainedConfig):
         inference_chunk_size: tokens per chunk of the token-wise parts of a layer at inference (eval, no
             gradient); bounds the FFN temporaries. 0 = no chunking.
         initializer_range: std of the CLS token at random init.
+        normalize_tile_features: standardise each input dimension, ``(x - mean) / std``, with statistics of the
+            training tiles held as buffers (``tile_normalization.mean`` / ``.std``, set by ``wsi-train-clip``):
+            removes the common offset of foundation-model tile features that stalls training from scratch.
+            ``False`` for converted Prov-GigaPath weights (trained on raw features).
     """
 
     model_type = "wsi_slide_encoder"
@@ -96,6 +100,7 @@ class SlideEncoderConfig(PretrainedConfig):
     attention_backend: str = "auto"
     inference_chunk_size: int = 1024
     initializer_range: float = 0.02
+    normalize_tile_features: bool = False
 
     def __post_init__(self, **kwargs):
         if self.dilated_ratio is None:

@@ -33,6 +33,8 @@ class ABMILConfig(PretrainedConfig):
         gated: gated attention (``tanh ⊙ sigmoid``); ``False`` uses plain ``tanh`` attention.
         dropout: dropout in the tile MLP and the attention network.
         initializer_range: unused by the xavier init of the linears; kept for HF tooling.
+        normalize_tile_features: standardise each input dimension with training-set statistics held as buffers
+            (as :class:`SlideEncoderConfig`; set by ``wsi-train-clip``).
     """
 
     model_type = "wsi_abmil"
@@ -44,6 +46,7 @@ class ABMILConfig(PretrainedConfig):
     gated: bool = True
     dropout: float = 0.25
     initializer_range: float = 0.02
+    normalize_tile_features: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -62,6 +65,8 @@ class MeanPoolingConfig(PretrainedConfig):
         hidden_size: width of a ``Linear + GELU`` tile MLP applied before the mean; ``None`` pools the raw features
             (the slide vector then has ``input_dim`` channels and only the projection is learnt).
         dropout: dropout after the tile MLP.
+        normalize_tile_features: standardise each input dimension with training-set statistics held as buffers
+            (as :class:`SlideEncoderConfig`; set by ``wsi-train-clip``).
     """
 
     model_type = "wsi_mean_pool"
@@ -70,6 +75,7 @@ class MeanPoolingConfig(PretrainedConfig):
     hidden_size: int | None = None
     dropout: float = 0.0
     initializer_range: float = 0.02
+    normalize_tile_features: bool = False
 
 
 # slide_tower name → (config class, model_type). The model_type string is what identifies a tower everywhere.

@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_wsiclip import ABMILConfig, MeanPoolingConfig
 from .masked_pooling import masked_mean
+from .tile_normalization import TileFeatureStandardization
 
 
 @dataclass
@@ -63,6 +64,12 @@ def _tile_mlp(input_dim: int, hidden_size: int, num_layers: int, dropout: float)
 class _MILPreTrainedModel(PreTrainedModel):
     main_input_name = "tile_features"
 
+    def _tile_inputs(self, tile_features: Tensor, dtype: torch.dtype) -> Tensor:
+        """``[B, N, D_in]`` in ``dtype``, standardised when the config asks for it (see ``tile_normalization``)."""
+        if self.tile_normalization is not None:
+            return self.tile_normalization(tile_features, dtype)
+        return tile_features.to(dtype)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             init.xavier_uniform_(module.weight)
@@ -78,6 +85,9 @@ class ABMILModel(_MILPreTrainedModel):
 
     def __init__(self, config: ABMILConfig):
         super().__init__(config)
+        self.tile_normalization = (
+            TileFeatureStandardization(config.input_dim) if config.normalize_tile_features else None
+        )
         self.tile_mlp = _tile_mlp(config.input_dim, config.hidden_size, config.num_tile_layers, config.dropout)
         self.attention_v = nn.Linear(config.hidden_size, config.attention_dim)
         self.attention_u = nn.Linear(config.hidden_size, config.attention_dim) if config.gated else None
@@ -98,7 +108,7 @@ class ABMILModel(_MILPreTrainedModel):
         ``tile_coords`` is ignored (the tower is permutation invariant); extra slide-encoder flags are ignored too.
         """
         mask = _check_bag(tile_features, tile_mask, self.config.input_dim, "ABMIL")
-        hidden = self.tile_mlp(tile_features.to(self.attention_v.weight.dtype))  # [B, N, H]
+        hidden = self.tile_mlp(self._tile_inputs(tile_features, self.attention_v.weight.dtype))  # [B, N, H]
         gate = torch.tanh(self.attention_v(hidden))  # [B, N, A]
         if self.attention_u is not None:
             gate = gate * torch.sigmoid(self.attention_u(hidden))
@@ -118,6 +128,9 @@ class MeanPoolingModel(_MILPreTrainedModel):
 
     def __init__(self, config: MeanPoolingConfig):
         super().__init__(config)
+        self.tile_normalization = (
+            TileFeatureStandardization(config.input_dim) if config.normalize_tile_features else None
+        )
         self.tile_mlp = (
             _tile_mlp(config.input_dim, config.hidden_size, 1, config.dropout) if config.hidden_size else nn.Identity()
         )
@@ -134,7 +147,7 @@ class MeanPoolingModel(_MILPreTrainedModel):
         """tile_features ``[B, N, D_in]``, tile_mask ``[B, N]`` → :class:`MILPoolingOutput` (no attention)."""
         mask = _check_bag(tile_features, tile_mask, self.config.input_dim, "mean pooling")
         dtype = next(self.parameters()).dtype if any(True for _ in self.parameters()) else torch.float32
-        hidden = self.tile_mlp(tile_features.to(dtype))  # [B, N, H]
+        hidden = self.tile_mlp(self._tile_inputs(tile_features, dtype))  # [B, N, H]
         pooled = masked_mean(hidden, mask)  # [B, H]
         output = MILPoolingOutput(last_hidden_state=hidden, pooler_output=pooled)
         return output if (return_dict is None or return_dict) else output.to_tuple()

@@ -25,6 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .configuration_slide_encoder import SlideEncoderConfig
 from .dilated_attention import DilatedSelfAttention
 from .masked_pooling import masked_mean
+from .tile_normalization import TileFeatureStandardization
 
 
 class SlideInputError(ValueError):
@@ -204,6 +205,9 @@ class SlideEncoderModel(SlideEncoderPreTrainedModel):
     def __init__(self, config: SlideEncoderConfig):
         super().__init__(config)
         dim = config.hidden_size
+        self.tile_normalization = (
+            TileFeatureStandardization(config.input_dim) if config.normalize_tile_features else None
+        )
         self.patch_embed = nn.Linear(config.input_dim, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.embed_dropout = nn.Dropout(config.dropout)
@@ -300,7 +304,10 @@ class SlideEncoderModel(SlideEncoderPreTrainedModel):
 
     def embed(self, tile_features: Tensor, grid: Tensor) -> Tensor:
         """``Linear`` projection + sin-cos position per tile, CLS prepended: ``[B, N, Din]`` → ``[B, N+1, D]``."""
-        proj = self.patch_embed(tile_features.to(self.patch_embed.weight.dtype))  # [B, N, D]
+        dtype = self.patch_embed.weight.dtype
+        if self.tile_normalization is not None:
+            tile_features = self.tile_normalization(tile_features, dtype)  # [B, N, Din] standardised
+        proj = self.patch_embed(tile_features.to(dtype))  # [B, N, D]
         pos = sincos_2d_position_embedding(grid, self.config.hidden_size)  # [B, N, D] fp32
         hidden = proj + pos.to(torch.promote_types(proj.dtype, self.patch_embed.weight.dtype))
         cls = self.cls_token.expand(hidden.shape[0], -1, -1).to(hidden.dtype)  # [B, 1, D]

@@ -83,6 +83,8 @@ def build_model(model_args: ModelArguments, feature_dim: int):
                 f"slide_encoder_name_or_path={slide_path!r}. Remove one of them."
             )
         slide_config.setdefault("input_dim", feature_dim)
+        if not slide_path:
+            slide_config.setdefault("normalize_tile_features", model_args.normalize_tile_features)
         model = WSIClipModel.from_towers(
             slide_encoder=slide_path,
             text_model=resolve_pretrained_path(model_args.text_model_name_or_path),
@@ -99,6 +101,24 @@ def build_model(model_args: ModelArguments, feature_dim: int):
         )
     model.freeze(slide_model=model_args.freeze_slide_encoder, text_model=model_args.freeze_text_model)
     return model
+
+
+def standardize_tile_inputs(model, h5_paths: list[str], seed: int) -> None:
+    """Set a new slide tower's input standardisation (when its config asks for it) from the training slides."""
+    from processing import tile_feature_statistics
+    from wsi_clip.slide_towers import find_slide_tower
+
+    normalization = getattr(find_slide_tower(model), "tile_normalization", None)
+    if normalization is None:
+        return
+    mean, std, count = tile_feature_statistics(h5_paths, seed=seed)
+    normalization.set_statistics(mean, std)
+    logger.info(
+        "tile features standardised with the mean / std of %d training tiles (|mean| = %.3g, mean std = %.3g)",
+        count,
+        float(mean.norm()),
+        float(std.mean()),
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -152,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if eval_dataset is not None:
         eval_dataset = preflight_dataset(eval_dataset, source=validation_file, **checks)
     feature_dim = model.config.slide_config.input_dim
+    if not (model_args.model_name_or_path or model_args.slide_encoder_name_or_path):
+        standardize_tile_inputs(model, list(train_dataset["h5_path"]), training_args.seed)
     logger.info(
         "training on %d slides (%d cases), evaluating on %s; %d-d tile features",
         len(train_dataset),
