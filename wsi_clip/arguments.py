@@ -76,6 +76,21 @@ class ModelArguments:
     text_to_slide_loss: str = field(default="soft", metadata={"help": "'soft' (soft-target CE) or 'mil_nce'."})
     freeze_slide_encoder: bool = field(default=False, metadata={"help": "Train without updating the slide tower."})
     freeze_text_model: bool = field(default=False, metadata={"help": "Train without updating the text encoder."})
+    freeze_slide_encoder_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Fine-tuning a pretrained slide tower: hold its learning rate at 0 for this many optimizer steps "
+            "(the new projections settle on the pretrained features first), then ramp it up over the warm-up steps."
+        },
+    )
+    layer_lr_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "Layer-wise learning-rate decay of the slide tower: layer l of L learns at "
+            "lr * layer_lr_decay ** (L + 1 - l) (projections and text tower at lr). 1 = off; GigaPath "
+            "fine-tuning: 0.95."
+        },
+    )
     normalize_tile_features: bool = field(
         default=False,
         metadata={

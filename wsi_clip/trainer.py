@@ -44,6 +44,7 @@ from .evaluation import (
     retrieval_metrics,
     zero_shot_scores,
 )
+from .optimization import SLIDE_TOWER_GROUP, held_then_ramped, parameter_groups
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,10 @@ class WSIClipTrainer(ResumableTrainerMixin, Trainer):
         eval_data_collator: collator for evaluation (e.g. deterministic ``"uniform"`` tile sampling while training
             uses ``"random"``); default: ``data_collator``.
         zero_shot_batch_size: prompts per text-encoder batch when building the zero-shot classifier.
+        layer_lr_decay: slide tower layer ``l`` of ``L`` learns at ``lr × layer_lr_decay ** (L + 1 - l)``
+            (fine-tuning a pretrained tower; see :mod:`wsi_clip.optimization`). 1 = one learning rate.
+        freeze_slide_encoder_steps: hold the slide tower's learning rate at 0 for this many optimizer steps, then
+            ramp it up over the warm-up steps (the projections settle first on a pretrained tower).
 
     Without ``data_collator`` and with a :class:`~processing.WSIProcessor` as ``processing_class``, a
     :class:`~wsi_clip.data.WSIClipCollator` is built from it.
@@ -109,6 +114,8 @@ class WSIClipTrainer(ResumableTrainerMixin, Trainer):
         class_prompts: ClassPrompts | dict | str | None = None,
         eval_data_collator: Any = None,
         zero_shot_batch_size: int = 64,
+        layer_lr_decay: float = 1.0,
+        freeze_slide_encoder_steps: int = 0,
         **trainer_kwargs: Any,
     ):
         if sample_by not in SAMPLE_BY:
@@ -141,6 +148,10 @@ class WSIClipTrainer(ResumableTrainerMixin, Trainer):
         self.class_prompts: ClassPrompts | None = class_prompts
         self.sample_by = sample_by
         self.zero_shot_batch_size = zero_shot_batch_size
+        if freeze_slide_encoder_steps < 0:
+            raise ValueError(f"WSIClipTrainer: freeze_slide_encoder_steps={freeze_slide_encoder_steps} must be >= 0.")
+        self.layer_lr_decay = layer_lr_decay
+        self.freeze_slide_encoder_steps = freeze_slide_encoder_steps
 
         processing_class = trainer_kwargs.get("processing_class")
         if (
@@ -178,6 +189,57 @@ class WSIClipTrainer(ResumableTrainerMixin, Trainer):
             **{k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS}, return_loss=True, return_dict=True
         )
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer; with a layer-wise LR decay or a frozen phase, over per-depth param groups."""
+        if self.optimizer is not None or (self.layer_lr_decay == 1.0 and not self.freeze_slide_encoder_steps):
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
+            self.args, opt_model
+        )
+        if set(optimizer_kwargs) - {"lr", "betas", "eps", "weight_decay", "fused", "foreach"}:
+            raise ValueError(
+                f"WSIClipTrainer: layer_lr_decay / freeze_slide_encoder_steps build their own param groups and "
+                f"support the AdamW-style optimizers only, not optim={self.args.optim!r}."
+            )
+        groups = parameter_groups(
+            opt_model,
+            self.args.learning_rate,
+            self.args.weight_decay,
+            self.get_decay_parameter_names(opt_model),
+            self.layer_lr_decay,
+        )
+        if self.freeze_slide_encoder_steps and not any(g[SLIDE_TOWER_GROUP] for g in groups):
+            raise ValueError(
+                "WSIClipTrainer: freeze_slide_encoder_steps needs a trainable slide tower; it is frozen "
+                "(freeze_slide_encoder) or has no parameters."
+            )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """The Trainer's schedule; the slide tower's groups held at 0 for ``freeze_slide_encoder_steps``."""
+        created = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if not (created and self.freeze_slide_encoder_steps):
+            return scheduler
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            raise ValueError(
+                f"WSIClipTrainer: freeze_slide_encoder_steps needs a LambdaLR schedule (linear, cosine, constant, "
+                f"...), not lr_scheduler_type={self.args.lr_scheduler_type!r}."
+            )
+        ramp = self.args.get_warmup_steps(num_training_steps)
+        for index, group in enumerate(scheduler.optimizer.param_groups):
+            if group.get(SLIDE_TOWER_GROUP):
+                scheduler.lr_lambdas[index] = held_then_ramped(
+                    scheduler.lr_lambdas[index], self.freeze_slide_encoder_steps, ramp
+                )
+                group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[index](scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        return scheduler
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The Trainer's choice minus ``logit_scale`` (weight decay would pull the temperature towards 1)."""

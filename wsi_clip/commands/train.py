@@ -29,6 +29,7 @@ from ..cli import exit_status, parse_args_with_config, parse_mapping, setup_logg
 logger = logging.getLogger(__name__)
 
 COMMAND = "wsi-train-clip"
+OUTPUT_OPTIONS = ("pooling", "embedding_layer")  # slide_config keys that may change a pretrained slide encoder
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
 
 
@@ -77,10 +78,12 @@ def build_model(model_args: ModelArguments, feature_dim: int):
     else:
         slide_path = resolve_pretrained_path(model_args.slide_encoder_name_or_path)
         slide_config = parse_mapping(model_args.slide_config, "slide_config")
-        if slide_path and slide_config:
+        new_tower_keys = sorted(set(slide_config) - set(OUTPUT_OPTIONS))
+        if slide_path and new_tower_keys:
             raise ValueError(
-                "slide_config configures a new slide tower; it cannot be combined with "
-                f"slide_encoder_name_or_path={slide_path!r}. Remove one of them."
+                f"slide_config {new_tower_keys} configures a new slide tower; with slide_encoder_name_or_path="
+                f"{slide_path!r} only the output can be chosen ({', '.join(OUTPUT_OPTIONS)}). Remove the other keys "
+                "or the path."
             )
         slide_config.setdefault("input_dim", feature_dim)
         if not slide_path:
@@ -99,8 +102,45 @@ def build_model(model_args: ModelArguments, feature_dim: int):
             if model_args.text_attn_implementation
             else None,
         )
+        if slide_path:
+            choose_slide_output(model, slide_config)
     model.freeze(slide_model=model_args.freeze_slide_encoder, text_model=model_args.freeze_text_model)
+    freeze_layers_above_output(model)
     return model
+
+
+def choose_slide_output(model, options: dict) -> None:
+    """Set the pretrained slide encoder's output (``pooling``, ``embedding_layer``), validated like its config."""
+    if not options:
+        return
+    config = model.config.slide_config
+    if config.model_type != "wsi_slide_encoder":
+        raise ValueError(
+            f"slide_config {sorted(options)} chooses the output of a LongNet slide encoder; the pretrained tower is "
+            f"{config.model_type!r}. Remove slide_config."
+        )
+    for key, value in options.items():
+        setattr(config, key, str(value) if key == "embedding_layer" else value)
+    config._check()
+    model.slide_model.config = config
+    logger.info("slide encoder output: pooling=%s, embedding_layer=%s", config.pooling, config.embedding_layer)
+
+
+def freeze_layers_above_output(model) -> None:
+    """A LongNet tower pooled from layer ``i < L`` never uses layers ``i+1..L`` or the final norm: freeze them (their
+    gradients would be None, which DDP with ``find_unused_parameters=False`` refuses)."""
+    config = model.config.slide_config
+    if config.model_type != "wsi_slide_encoder" or config.embedding_layer == "final":
+        return
+    unused = [*model.slide_model.layers[int(config.embedding_layer) :], model.slide_model.layer_norm]
+    if any(p.requires_grad for module in unused for p in module.parameters()):
+        for module in unused:
+            module.requires_grad_(False)
+        logger.info(
+            "slide encoder pooled from layer %s of %d: layers above it and the final LayerNorm are frozen (unused)",
+            config.embedding_layer,
+            config.num_hidden_layers,
+        )
 
 
 def standardize_tile_inputs(model, h5_paths: list[str], seed: int) -> None:
@@ -224,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         processing_class=processor,
         sample_by=data_args.sample_by,
         class_prompts=class_prompts,
+        layer_lr_decay=model_args.layer_lr_decay,
+        freeze_slide_encoder_steps=model_args.freeze_slide_encoder_steps,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()  # model + processor, safetensors, auto_map and modeling files
