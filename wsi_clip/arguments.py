@@ -92,7 +92,7 @@ class ModelArguments:
         },
     )
     normalize_tile_features: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "New slide towers only: standardise each tile-feature dimension with the training slides' mean "
             "and std (stored in the checkpoint). Removes the shared offset of foundation-model features that stalls "
