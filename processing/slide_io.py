@@ -294,13 +294,15 @@ def write_slide(
     dtype: str | np.dtype = "float16",
     level0_magnification: float = 20,
     target_magnification: float | None = None,
+    extra_attributes: dict | None = None,
 ) -> Path:
     """Write tile ``features [N, D]`` and ``coords [N, 2]`` **(x, y)** in one of the three layouts.
 
     ``"seed"`` stores ``coords_yx`` (y, x); ``"clam"`` stores ``coords`` (x, y) without attributes;
     ``"trident"`` stores ``coords`` (x, y) with TRIDENT's attributes (``patch_size_level0``, ``patch_size`` at the
     target magnification, both magnifications …). A 40× scan tiled at 20× with 256-px tiles is
-    ``patch_size_level0=512, level0_magnification=40, target_magnification=20``.
+    ``patch_size_level0=512, level0_magnification=40, target_magnification=20``. ``extra_attributes`` are added to
+    the ``coords`` attributes of the ``"trident"`` layout (``overlap``, ``level0_width`` / ``level0_height`` …).
     """
     _require_h5py()
     if layout not in SOURCE_LAYOUTS:
@@ -329,6 +331,7 @@ def write_slide(
                         "target_magnification": target,
                         "overlap": 0,
                         "name": path.stem,
+                        **(extra_attributes or {}),
                     }
                 )
     return path

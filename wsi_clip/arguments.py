@@ -375,6 +375,53 @@ class PushArguments:
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)"})
 
 
+@dataclass
+class ExtractArguments:
+    """A folder (or CSV) of raw slides → one tile-feature H5 per slide (TRIDENT layout), resumable."""
+
+    slides: str = field(metadata={"help": "Folder of slide files (.svs, .tif, .ndpi, ...) or a CSV with slide_path."})
+    output_dir: str = field(
+        metadata={"aliases": ["--out"], "help": "Folder for <slide>.h5, segmentation/ and extraction_report.csv."}
+    )
+    encoder: str = field(
+        metadata={
+            "help": "Tile encoder: a transformers folder or Hub id (AutoModel + AutoImageProcessor: Phikon-v2, "
+            "Hibou, DINOv2, ViT) or timm:<model> (e.g. timm:hf_hub:prov-gigapath/prov-gigapath) with timm installed."
+        }
+    )
+    encoder_weights: str | None = field(
+        default=None, metadata={"help": "Local weights file of a timm encoder (offline, nothing downloaded)."}
+    )
+    encoder_pooling: str = field(
+        default="cls", metadata={"help": "transformers encoders: 'cls' token, model 'pooler', or 'mean' of patches."}
+    )
+    allow_download: bool = field(
+        default=False, metadata={"help": "Let a Hub id / timm pretrained name download weights (off: offline only)."}
+    )
+    target_magnification: float = field(default=20.0, metadata={"help": "Magnification the tiles are read at."})
+    patch_size: int = field(default=256, metadata={"help": "Tile side in pixels at target_magnification."})
+    overlap: int = field(default=0, metadata={"help": "Pixels (at target_magnification) shared by neighbour tiles."})
+    min_tissue_fraction: float = field(default=0.25, metadata={"help": "Keep tiles at least this much tissue."})
+    min_saturation: int = field(
+        default=20, metadata={"help": "Floor of the tissue saturation threshold (0-255; Otsu above it)."}
+    )
+    min_region_area_mm2: float = field(default=0.01, metadata={"help": "Drop tissue pieces smaller than this."})
+    max_hole_area_mm2: float = field(default=0.01, metadata={"help": "Fill holes in tissue smaller than this."})
+    reject_pen: bool = field(default=True, metadata={"help": "Drop blue / green pen and black marker by colour."})
+    level0_magnification: float | None = field(
+        default=None, metadata={"help": "Override for slides that state no objective power (e.g. 40)."}
+    )
+    mpp: float | None = field(default=None, metadata={"help": "Override of the slides' microns per pixel."})
+    batch_size: int = field(default=64, metadata={"help": "Tiles per encoder forward pass."})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader workers reading tiles beside the encoder."})
+    dtype: str = field(default="fp32", metadata={"help": "Encoder dtype.", "choices": ["fp32", "bf16", "fp16"]})
+    device: str | None = field(default=None, metadata={"help": "cuda / cpu / ... (default: cuda when available)."})
+    save_qc: bool = field(default=True, metadata={"help": "Write the tissue GeoJSON and QC thumbnail PNG."})
+    stop_on_error: bool = field(
+        default=False, metadata={"help": "Stop at the first bad slide (default: report it and go on)."}
+    )
+
+
 __all__ = [
     "ModelArguments",
     "DataArguments",
@@ -384,4 +431,5 @@ __all__ = [
     "ProbeOptions",
     "ProbeArguments",
     "PushArguments",
+    "ExtractArguments",
 ]
