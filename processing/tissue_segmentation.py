@@ -150,7 +150,7 @@ def tissue_fraction_of_tiles(tissue: TissueMask, coords: np.ndarray, size_level0
 def save_qc_thumbnail(
     path: str | Path, thumbnail: np.ndarray, tissue: TissueMask, coords: np.ndarray, size_level0: int
 ) -> Path:
-    """The thumbnail with the tissue contours (green, holes blue) and the kept tiles (outlined) drawn on it."""
+    """The thumbnail with the tissue contours (green, holes orange) and the kept tiles (outlined) drawn on it."""
     cv2 = _cv2()
     canvas = np.ascontiguousarray(thumbnail[..., :3]).copy()
     ds = tissue.downsample
@@ -162,7 +162,7 @@ def save_qc_thumbnail(
     for outer, holes in tissue.contours:
         cv2.polylines(canvas, [np.round(outer / ds).astype(np.int32)], True, (0, 170, 0), line + 1)
         for hole in holes:
-            cv2.polylines(canvas, [np.round(hole / ds).astype(np.int32)], True, (0, 90, 255), line)
+            cv2.polylines(canvas, [np.round(hole / ds).astype(np.int32)], True, (255, 140, 0), line)
     path = Path(path)
     cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     return path

@@ -181,3 +181,48 @@ def test_command_line_and_timm_path(tiny_vit, slides_dir, tmp_path):
         pytest.skip(f"timm path not tested: timm does not import here ({type(err).__name__}: {err})")
     with pytest.raises(ValueError, match="give local weights"):
         load_tile_encoder("timm:vit_tiny_patch16_224")
+
+
+@pytest.mark.slow
+def test_extracted_folder_feeds_embedding_clip_and_llava_as_it_is(tiny_vit, slides_dir, tmp_path):
+    """Raw slides → features → WSI-CLIP training → cohort embeddings → WSI-LLaVA stage 2, on the files as written."""
+    from wsi_clip.commands.embed import main as embed
+    from wsi_clip.commands.extract_features import main as extract
+    from wsi_clip.commands.train import main as train_clip
+    from wsi_llava.commands.train import main as train_llava
+
+    from wsiclip_helpers import save_text_model, write_rows
+
+    for name in ("second", "third"):
+        shutil.copy(CMU1, slides_dir / f"{name}.svs")
+    features = tmp_path / "features"
+    extract(["--slides", str(slides_dir), "--output_dir", str(features), "--encoder", str(tiny_vit),
+             "--num_workers", "0", "--target_magnification", "10"])  # fmt: skip
+    captions = ["squamous epithelium.", "keratinised skin.", "squamous epithelium."]
+    rows = [{"h5_path": f"{n}.h5", "caption": c, "case_id": f"c{i}"}
+            for i, (n, c) in enumerate(zip(("CMU-1", "second", "third"), captions))]  # fmt: skip
+    annotations = write_rows(features / "annotations.csv", rows)
+    text = save_text_model(tmp_path / "text", captions)
+    common = ["--report_to", "none", "--use_cpu", "true", "--save_strategy", "no", "--max_steps", "2",
+              "--per_device_train_batch_size", "3"]  # fmt: skip
+    train_clip(["--train_file", str(annotations), "--text_model_name_or_path", str(text), "--slide_tower", "abmil",
+                "--slide_config", '{"hidden_size": 16, "attention_dim": 8}', "--projection_dim", "8",
+                "--output_dir", str(tmp_path / "clip"), *common])  # fmt: skip
+    summary = embed(["--model_name_or_path", str(tmp_path / "clip"), "--slides", str(features),
+                     "--output_dir", str(tmp_path / "emb")])  # fmt: skip
+    assert summary["written"] == 3 and not summary["failed"]
+    conversations = [
+        {"id": n, "image": f"{n}.h5", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the slide."}, {"from": "gpt", "value": c}]}
+        for n, c in zip(("CMU-1", "second", "third"), captions)
+    ]  # fmt: skip
+    (features / "instruct.json").write_text(json.dumps(conversations))
+    metrics = train_llava([
+        "--train_file", str(features / "instruct.json"), "--stage", "2", "--tokenizer_name_or_path", "word",
+        "--slide_config", '{"input_dim": 32, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, '
+        '"intermediate_size": 64}',
+        "--language_model_config", '{"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, '
+        '"num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}',
+        "--max_tiles", "16", "--output_dir", str(tmp_path / "llava"), *common,
+    ])  # fmt: skip
+    assert np.isfinite(metrics["train_loss"])
