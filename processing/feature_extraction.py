@@ -102,7 +102,9 @@ def encoder_threads(encoder: TileEncoder, num_workers: int):
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # torchrun ranks share the machine
+    torch.set_num_threads(max(1, min(before, cores - num_workers)))
     try:
         yield
     finally:
@@ -265,7 +267,7 @@ def extract_features(
         else:
             try:
                 result = extract_slide(path, output_dir, encoder, options)
-            except (SlideFormatError, OSError, ValueError) as err:
+            except Exception as err:  # a bad slide (OpenSlide / PIL / decoding errors too) never stops the others
                 if stop_on_error:
                     raise
                 logger.error("%s: %s", path.name, err)

@@ -76,6 +76,16 @@ class TileEncoder(nn.Module):
         return (hidden[:, 0] if self.pooling == "cls" else hidden[:, 1:].mean(1)).float()
 
 
+def _read_weights(path: str) -> dict[str, Tensor]:
+    """A state dict from ``.safetensors`` or a torch file (``weights_only``: no pickled code runs)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+
+
 def _load_timm(name: str, weights: str | None, allow_download: bool) -> tuple[nn.Module, TilePreprocessor, int]:
     try:
         import timm
@@ -83,17 +93,16 @@ def _load_timm(name: str, weights: str | None, allow_download: bool) -> tuple[nn
         raise ImportError(
             f"encoder {name!r} needs timm: pip install timm (with a torchvision matching torch)."
         ) from err
-    kwargs: dict[str, Any] = {"num_classes": 0}
-    if weights:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
-    else:
-        kwargs["pretrained"] = allow_download
     if not weights and not allow_download:
         raise ValueError(
             f"timm encoder {name!r}: give local weights (--encoder_weights FILE) or allow the download "
             "(--allow_download true); it would otherwise run with random weights."
         )
-    model = timm.create_model(name, **kwargs)
+    # local weights: build the architecture without pretrained weights, then load the file (timm's own `file`
+    # overlay is ignored for hf_hub: names, which would fetch from the Hub)
+    model = timm.create_model(name, pretrained=not weights, num_classes=0)
+    if weights:
+        model.load_state_dict(_read_weights(weights), strict=False)
     config = timm.data.resolve_data_config({}, model=model)
     return model, TilePreprocessor("timm", timm.data.create_transform(**config)), int(model.num_features)
 

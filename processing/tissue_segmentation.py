@@ -86,7 +86,9 @@ def _otsu(values: np.ndarray) -> float:
     total_weight, total_mean = weight[-1], mean[-1]
     with np.errstate(divide="ignore", invalid="ignore"):
         between = (total_mean * weight - mean * total_weight) ** 2 / (weight * (total_weight - weight))
-    return float(np.nanargmax(between[:-1])) if total_weight else 0.0
+    if not total_weight or np.isnan(between[:-1]).all():
+        return float(values.max()) if values.size else 0.0  # one grey level: nothing above it
+    return float(np.nanargmax(between[:-1]))
 
 
 def segment_tissue(
@@ -127,8 +129,10 @@ def segment_tissue(
                 if cv2.contourArea(found[child]) >= max_hole:
                     holes.append(found[child])
                 child = hierarchy[child][0]
-            cv2.drawContours(final, [contour], -1, 1, thickness=cv2.FILLED)
-            cv2.drawContours(final, holes, -1, 0, thickness=cv2.FILLED)
+            region = np.zeros_like(mask)
+            cv2.drawContours(region, [contour], -1, 1, thickness=cv2.FILLED)
+            cv2.drawContours(region, holes, -1, 0, thickness=cv2.FILLED)
+            final |= region  # per region: tissue inside another region's hole survives
             scale = lambda c: (c[:, 0, :].astype(np.float64) + 0.5) * downsample  # noqa: E731  thumbnail → level 0
             contours.append((scale(contour), [scale(h) for h in holes]))
     return TissueMask(final.astype(bool), downsample, contours)

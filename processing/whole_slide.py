@@ -10,6 +10,7 @@ Needs the ``slides`` extra (``openslide-python`` + ``openslide-bin``, both wheel
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,9 +124,10 @@ def open_slide(path: str | Path, level0_magnification: float | None = None, mpp:
         try:
             magnification, source = float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER, "")), "objective-power"
         except ValueError:
-            if slide_mpp:
-                magnification, source = magnification_from_mpp(slide_mpp), "mpp"
-    if not magnification or magnification <= 0:
+            magnification = None
+        if not (magnification and math.isfinite(magnification) and magnification > 0) and slide_mpp and slide_mpp > 0:
+            magnification, source = magnification_from_mpp(slide_mpp), "mpp"
+    if not (magnification and math.isfinite(magnification) and magnification > 0):
         handle.close()
         raise SlideFormatError(
             f"{path}: the slide states neither its objective power nor its microns per pixel; pass "

@@ -63,6 +63,11 @@ def parameter_groups(
     """
     if not 0.0 < layer_lr_decay <= 1.0:
         raise ValueError(f"layer_lr_decay={layer_lr_decay} must be in (0, 1] (1 = no decay; BEiT / GigaPath: 0.95).")
+    if any("_flat_param" in name for name, _ in model.named_parameters()):
+        raise ValueError(
+            "layer_lr_decay / freeze_slide_encoder_steps need the original parameters: with FSDP set "
+            "fsdp_use_orig_params: true in the accelerate config."
+        )
     decay_names = set(decay_parameter_names)
     tower = find_slide_tower(model)
     depth = _tower_depth(tower)
@@ -93,7 +98,7 @@ def parameter_groups(
 
 def held_then_ramped(schedule: Callable[[int], float], frozen_steps: int, ramp_steps: int) -> Callable[[int], float]:
     """``schedule`` (a ``LambdaLR`` multiplier) × 0 for ``step < frozen_steps``, then × a linear ramp to 1 over
-    ``ramp_steps`` steps."""
+    ``ramp_steps`` steps (the ramp multiplies the schedule: while the run's own warm-up lasts, both apply)."""
 
     def multiplier(step: int) -> float:
         if step < frozen_steps:

@@ -73,7 +73,9 @@ def test_slide_properties_and_tissue_mask():
         assert (ring >= 0).all() and (ring[:, 0] <= WIDTH).all() and (ring[:, 1] <= HEIGHT).all()
     assert slide.read_tile(0, 0, 512, 256).shape == (256, 256, 3)
     slide.close()
-    assert open_slide(CMU1, level0_magnification=40).magnification_source == "given"
+    given = open_slide(CMU1, level0_magnification=40)
+    assert given.magnification_source == "given" and given.level0_magnification == 40.0
+    given.close()
     assert [magnification_from_mpp(m) for m in (0.25, 0.2527, 0.5, 1.0)] == [40.0, 40.0, 20.0, 10.0]
 
 
@@ -133,11 +135,11 @@ def test_resume_after_a_kill_and_bad_files_reported(tiny_vit, slides_dir, tmp_pa
         extract_features(slides_dir, out, encoder, _options())
     assert not list(out.glob("*.h5"))  # nothing half-written under a final name
     monkeypatch.setattr(type(encoder), "forward", forward)
-    (out / ".second.h5.partial").write_bytes(b"truncated")  # what a kill during the write would leave
+    (out / ".broken.h5.partial").write_bytes(b"truncated")  # what a kill during a write leaves (a slide that fails)
 
     results = {r.slide: r for r in extract_features(slides_dir, out, encoder, _options())}
     assert results["CMU-1"].status == "done" and results["second"].status == "done"
-    assert not (out / ".second.h5.partial").exists()
+    assert not (out / ".broken.h5.partial").exists()
     assert results["broken"].status == "failed" and "broken.svs" in results["broken"].error
     assert "OpenSlide cannot read it" in results["broken"].error
     written = (out / "CMU-1.h5").stat().st_mtime_ns

@@ -149,3 +149,22 @@ def test_fine_tune_a_converted_gigapath_encoder(tmp_path):
 
     with pytest.raises(ValueError, match=r"only the output can be chosen"):
         train([*common, "--output_dir", str(tmp_path / "bad"), "--slide_config", json.dumps({"hidden_size": 8})])
+
+
+def test_pretrained_mil_tower_warm_starts_without_slide_config(tmp_path):
+    """A pretrained ABMIL tower keeps its own config (input_dim included); output options are LongNet-only."""
+    from wsi_clip import ABMILModel
+    from wsi_clip.arguments import ModelArguments
+    from wsi_clip.commands.train import build_model
+    from wsi_clip.configuration_wsiclip import ABMILConfig
+
+    ABMILModel(ABMILConfig(input_dim=24, hidden_size=16, attention_dim=8)).save_pretrained(tmp_path / "abmil")
+    text = save_text_model(tmp_path / "text", ["a report."])
+    args = ModelArguments(
+        slide_encoder_name_or_path=str(tmp_path / "abmil"), text_model_name_or_path=str(text), projection_dim=8
+    )
+    model = build_model(args, feature_dim=1536)  # the data's dimension does not overwrite the tower's
+    assert model.config.slide_config.input_dim == 24 and model.config.slide_config.model_type == "wsi_abmil"
+    args.slide_config = json.dumps({"pooling": "mean"})
+    with pytest.raises(ValueError, match="chooses the output of a LongNet slide encoder"):
+        build_model(args, feature_dim=24)

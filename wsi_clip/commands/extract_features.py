@@ -62,13 +62,27 @@ def extract(args: ExtractArguments) -> dict:
     )
     if is_main:
         logger.info("%s (%d-d, %s) on %s, %d process(es)", encoder.name, encoder.embed_dim, args.dtype, device, world)
-    results = extract_features(
-        args.slides, args.output_dir, encoder, options, rank=rank, world_size=world, stop_on_error=args.stop_on_error
-    )
+    error: BaseException | None = None
+    try:
+        results = extract_features(
+            args.slides, args.output_dir, encoder, options, rank=rank, world_size=world,
+            stop_on_error=args.stop_on_error,
+        )  # fmt: skip
+    except Exception as err:  # --stop_on_error (or a job-level error): stop every rank, not only this one
+        if not distributed:
+            raise
+        error, results = err, []
+    shares = [results]
     if distributed:
-        shares: list = [None] * world
-        dist.all_gather_object(shares, results)
-        results = [r for share in shares for r in share]
+        shares = [None] * world
+        dist.all_gather_object(shares, (results, repr(error) if error else None))
+        failures = [failure for _, failure in shares if failure]
+        shares = [share for share, _ in shares]
+        if error is not None:
+            raise error
+        if failures:
+            raise RuntimeError(f"another process stopped the extraction: {failures[0]}")
+    results = [r for share in shares for r in share]
     summary = {
         "output_dir": str(args.output_dir),
         "encoder": encoder.name,
@@ -77,7 +91,7 @@ def extract(args: ExtractArguments) -> dict:
         "failed": {r.slide: r.error for r in results if r.status == "failed"},
         "tiles": sum(r.num_tiles for r in results),
     }
-    seconds = sum(r.seconds for r in results)
+    seconds = max((sum(r.seconds for r in share) for share in shares), default=0.0)  # the slowest process
     summary["tiles_per_second"] = round(summary["tiles"] / seconds, 1) if seconds else None
     if is_main:
         report = write_report(args.output_dir)  # every process has written its status files
@@ -105,4 +119,4 @@ def cli() -> int:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

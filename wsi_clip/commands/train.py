@@ -85,8 +85,8 @@ def build_model(model_args: ModelArguments, feature_dim: int):
                 f"{slide_path!r} only the output can be chosen ({', '.join(OUTPUT_OPTIONS)}). Remove the other keys "
                 "or the path."
             )
-        slide_config.setdefault("input_dim", feature_dim)
         if not slide_path:
+            slide_config.setdefault("input_dim", feature_dim)
             slide_config.setdefault("normalize_tile_features", model_args.normalize_tile_features)
         model = WSIClipModel.from_towers(
             slide_encoder=slide_path,
