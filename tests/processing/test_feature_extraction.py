@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 
 import h5py
@@ -228,3 +229,31 @@ def test_extracted_folder_feeds_embedding_clip_and_llava_as_it_is(tiny_vit, slid
         "--max_tiles", "16", "--output_dir", str(tmp_path / "llava"), *common,
     ])  # fmt: skip
     assert np.isfinite(metrics["train_loss"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_split_the_slides_and_report_together(tiny_vit, slides_dir, tmp_path):
+    """A real 2-process launch (gloo): each slide once, the features of a one-process run, one merged report, exit
+    status 1 because one file is not a slide."""
+    import subprocess
+
+    from conftest import REPO_ROOT, torchrun_command
+
+    shutil.copy(CMU1, slides_dir / "second.svs")
+    (slides_dir / "broken.svs").write_bytes(b"not a slide" * 100)
+    flags = ["--slides", slides_dir, "--encoder", tiny_vit, "--num_workers", "0", "--device", "cpu"]
+    done = subprocess.run(
+        torchrun_command(REPO_ROOT / "scripts" / "extract_features.py", *flags, "--output_dir", tmp_path / "two"),
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode != 0, done.stdout + done.stderr  # a slide failed
+    assert "failed: broken" in done.stdout
+    encoder = load_tile_encoder(str(tiny_vit))
+    extract_features([slides_dir / "CMU-1.svs", slides_dir / "second.svs"], tmp_path / "one", encoder, _options())
+    for name in ("CMU-1", "second"):
+        one, two = read_slide(tmp_path / "one" / f"{name}.h5"), read_slide(tmp_path / "two" / f"{name}.h5")
+        torch.testing.assert_close(two.features, one.features, rtol=1e-5, atol=1e-5)
+    with (tmp_path / "two" / "extraction_report.csv").open() as fh:
+        assert {row["slide"]: row["status"] for row in csv.DictReader(fh)} == {
+            "CMU-1": "done", "second": "done", "broken": "failed",
+        }  # fmt: skip
