@@ -13,6 +13,7 @@ listed with their reason in ``extraction_report.csv`` and do not stop the others
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -22,6 +23,15 @@ from ..cli import init_distributed, parse_command_line, setup_logging
 logger = logging.getLogger(__name__)
 
 COMMAND = "wsi-extract-features"
+
+
+def _same_named(args: ExtractArguments, options: type, skip: tuple[str, ...] = ()) -> dict:
+    """The flags that share a name with a field of the ``options`` dataclass (the flags are named after them)."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(options)
+        if f.name not in skip and hasattr(args, f.name)
+    }
 
 
 def extract(args: ExtractArguments) -> dict:
@@ -44,21 +54,8 @@ def extract(args: ExtractArguments) -> dict:
         allow_download=args.allow_download,
     )
     options = ExtractionOptions(
-        target_magnification=args.target_magnification,
-        patch_size=args.patch_size,
-        overlap=args.overlap,
-        min_tissue_fraction=args.min_tissue_fraction,
-        level0_magnification=args.level0_magnification,
-        mpp=args.mpp,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        save_qc=args.save_qc,
-        segmentation=SegmentationOptions(
-            min_saturation=args.min_saturation,
-            min_region_area_mm2=args.min_region_area_mm2,
-            max_hole_area_mm2=args.max_hole_area_mm2,
-            reject_pen=args.reject_pen,
-        ),
+        **_same_named(args, ExtractionOptions, skip=("segmentation",)),
+        segmentation=SegmentationOptions(**_same_named(args, SegmentationOptions)),
     )
     if is_main:
         logger.info("%s (%d-d, %s) on %s, %d process(es)", encoder.name, encoder.embed_dim, args.dtype, device, world)
